@@ -1,0 +1,74 @@
+"""Shared plumbing for the Hydra entry points: params layering and one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+from imgpipe.config import conf_dir, params_file_overrides, to_schema
+from imgpipe.errors import PipelineError
+
+T = TypeVar("T")
+
+
+def fail(exc: BaseException) -> NoReturn:
+    """Print one ``error:`` line (the console log handler would add a second) and exit 2."""
+    logging.getLogger("imgpipe").debug("stopped: %s", exc)
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn``; a PipelineError becomes one line and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except PipelineError as exc:
+        fail(exc)
+
+
+def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> None:
+    """Compose conf/ with the overrides and check the result before any work starts.
+
+    Hydra's own messages span several lines; users get one naming the key.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    source = f"conf/{config_name}.yaml"
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise PipelineError(f"bad override: {str(exc).splitlines()[0]}") from exc
+    known = {f for f in schema.__dataclass_fields__}
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_sweep_override():
+            raise PipelineError(f"override '{override.input_line}' is a sweep: add --multirun")
+        if key.startswith("hydra") or override.package or "/" in key:
+            continue
+        if key not in known:
+            raise PipelineError(f"{source}: unknown config key '{key}' (known: {', '.join(sorted(known))})")
+    try:
+        with initialize_config_dir(str(conf_dir())):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise PipelineError(f"{source}: {str(exc).splitlines()[0]}") from exc
+    to_schema(schema, cfg, source)
+
+
+def run_entry(hydra_main: Callable[[], Any], config_name: str, schema: type) -> None:
+    """Layer params.yaml (under DVC), validate the overrides, then hand over to Hydra."""
+    argv = sys.argv[1:]
+    try:
+        argv = params_file_overrides(schema, argv) + argv
+        # Flags (--multirun, --cfg, --help, ...) are Hydra's own business.
+        if not any(arg.startswith("-") for arg in argv):
+            _check_overrides(config_name, schema, argv)
+    except PipelineError as exc:
+        fail(exc)
+    sys.argv = [sys.argv[0], *argv]
+    hydra_main()

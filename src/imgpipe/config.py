@@ -1,0 +1,175 @@
+"""Typed config at the edge: schemas, validation, and conf/ -> params.yaml.
+
+``conf/`` (Hydra) is the source of truth. ``params.yaml`` is generated from
+``conf/pipeline.yaml`` (which composes the per-stage files) in exactly the
+format DVC writes on ``dvc exp run`` with ``hydra.enabled``, so both agree.
+
+Under DVC a stage must take its values from params.yaml (that is where
+``dvc exp run -S lr=1.4`` lands). The Make stage targets set
+``IMGPIPE_PARAMS_FILE=params.yaml``; the entry point then turns the file's
+values into Hydra overrides placed *before* the command line's, so the
+layers are: conf/ < params.yaml < command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from imgpipe.errors import PipelineError
+
+PARAMS_FILE_ENV = "IMGPIPE_PARAMS_FILE"
+PIPELINE_CONFIG = "pipeline"
+
+
+@dataclass
+class ProcessDataConfig:
+    raw_data_dir_path: str = "data/raw"
+    processed_data_dir_path: str = "data/processed"
+    log_dir: str = "./logs"
+    num_workers: int = 0  # 0: every available core
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1.0
+    gamma: float = 0.7
+    train_bs: int = 64
+    test_bs: int = 1000
+    epochs: int = 10
+    seed: int = 1
+    log_interval: int = 10
+    setup_mlflow: bool = True
+    mlflow_autolog: bool = False
+    mlflow_system_metrics: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_exp_name: str = "image-classification"
+    mlflow_run_name: str = "train"
+    data_dir_path: str = "data/processed"
+    model_checkpoint_interval: int = 1
+    model_checkpoint_dir_path: str = "models"
+    live_dir_path: str = "dvclive"
+    resume: bool = False
+    log_dir: str = "./logs"
+    no_cuda: bool = False
+    no_mps: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]")
+        _check(self.train_bs >= 1, "train_bs", self.train_bs, ">= 1")
+        _check(self.test_bs >= 1, "test_bs", self.test_bs, ">= 1")
+        _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
+        _check(
+            self.model_checkpoint_interval >= 1,
+            "model_checkpoint_interval",
+            self.model_checkpoint_interval,
+            ">= 1",
+        )
+        _check(bool(self.mlflow_exp_name.strip()), "mlflow_exp_name", self.mlflow_exp_name, "non-empty")
+
+
+SCHEMAS: dict[str, type] = {"process_data": ProcessDataConfig, "train_model": TrainConfig}
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise PipelineError(f"config key '{key}': {value!r} is invalid, must be {rule}")
+
+
+def conf_dir() -> Path:
+    """The project's conf/ (next to src/), whatever the current directory is."""
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def to_schema(schema: type, cfg: Any, source: str) -> Any:
+    """Check a composed config against ``schema``: unknown keys, types, value rules.
+
+    ``cfg`` is a DictConfig or mapping without the ``hydra`` node. Every problem
+    becomes one ``PipelineError`` line naming the key.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    data = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    data.pop("hydra", None)
+    known = {f.name for f in fields(schema)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PipelineError(f"{source}: unknown config key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise PipelineError(f"{source}: config key '{key}': {msg}") from exc
+
+
+def to_plain(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------- params.yaml
+
+
+def compose_params(overrides: list[str] | None = None) -> str:
+    """Compose conf/pipeline.yaml the way ``dvc exp run`` does and return the YAML text."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(conf_dir())):
+        cfg = compose(config_name=PIPELINE_CONFIG, overrides=overrides or [])
+    OmegaConf.resolve(cfg)
+    return OmegaConf.to_yaml(cfg)
+
+
+def _override_value(value: Any) -> str:
+    """Render a YAML scalar as a Hydra override value that parses back to the same thing."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+_OVERRIDE_KEY = re.compile(r"^[~+]*([\w.\-/@]+)=")
+
+
+def params_file_overrides(schema: type, argv: list[str]) -> list[str]:
+    """Overrides for the schema's keys from the params file named by IMGPIPE_PARAMS_FILE.
+
+    Keys the command line sets itself are left out, so the command line wins.
+    """
+    path = os.environ.get(PARAMS_FILE_ENV)
+    if not path:
+        return []
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            params = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise PipelineError(f"{path}: params file not found (run `make params`)") from exc
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(params, dict):
+        raise PipelineError(f"{path}: expected a mapping of config keys")
+    on_cli = {m.group(1) for a in argv if (m := _OVERRIDE_KEY.match(a))}
+    known = [f.name for f in fields(schema)]
+    return [f"{k}={_override_value(params[k])}" for k in known if k in params and k not in on_cli]

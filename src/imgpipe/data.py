@@ -1,0 +1,462 @@
+"""Raw image-folder datasets: the sample export, validation, processing and loading.
+
+Raw layout (what users bring, tracked by ``data.dvc``)::
+
+    data/raw/<split>.csv                 header ``filepath,label``; paths relative to data/raw
+    data/raw/<split>/<label>/<id>.png    one image per file, grayscale or RGB, one size
+
+Processed layout (what ``process_data`` writes and ``train`` reads)::
+
+    data/processed/<split>_images.npy    uint8, shape (N, H, W, C), memory-mappable
+    data/processed/<split>_labels.npy    int64 class indices, shape (N,)
+    data/processed/metadata.json         classes, image shape, counts, normalisation stats
+
+This module never imports torch: processing stays light and starts fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgpipe.atomic import atomic_dir
+from imgpipe.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+REQUIRED_SPLITS = ("train", "test")
+METADATA_FILE = "metadata.json"
+FORMAT_VERSION = 1
+SAMPLE_SEED = 20241127
+SAMPLE_TEST_FRACTION = 0.2
+
+
+# --------------------------------------------------------------------------- sample data
+
+
+def encode_png_gray(pixels: np.ndarray) -> bytes:
+    """Encode an 8-bit grayscale image as PNG, byte-for-byte the same on every machine.
+
+    Pillow and zlib builds (zlib vs zlib-ng) compress differently, which would
+    change the bytes and so the hashes in data.dvc. Stored (uncompressed) deflate
+    blocks have exactly one encoding; for 8x8 digits the size cost is nil.
+    """
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError("expected a 2-D uint8 array")
+    height, width = pixels.shape
+    raw = b"".join(b"\x00" + pixels[row].tobytes() for row in range(height))
+    blocks = []
+    for start in range(0, max(len(raw), 1), 0xFFFF):
+        part = raw[start : start + 0xFFFF]
+        final = 1 if start + 0xFFFF >= len(raw) else 0
+        blocks.append(struct.pack("<BHH", final, len(part), len(part) ^ 0xFFFF) + part)
+    stream = b"\x78\x01" + b"".join(blocks) + struct.pack(">I", zlib.adler32(raw))
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", stream)
+        + chunk(b"IEND", b"")
+    )
+
+
+def stratified_split(
+    labels: Sequence[int], test_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split indices per class by a keyed hash: stable across numpy/sklearn versions."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    train: list[int] = []
+    test: list[int] = []
+    for label in sorted(by_class):
+        members = sorted(
+            by_class[label],
+            key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest(),
+        )
+        n_test = round(len(members) * test_fraction)
+        test.extend(members[:n_test])
+        train.extend(members[n_test:])
+    return sorted(train), sorted(test)
+
+
+def write_image_folder(
+    out_dir: Path, images: np.ndarray, labels: Sequence[str], splits: dict[str, list[int]]
+) -> None:
+    """Write grayscale uint8 ``images`` as ``<split>/<label>/<id>.png`` plus ``<split>.csv``."""
+    width = max(4, len(str(len(images) - 1)))
+    for split, indices in splits.items():
+        rows = []
+        for index in indices:
+            label = labels[index]
+            rel = f"{split}/{label}/{index:0{width}d}.png"
+            path = out_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_png_gray(images[index]))
+            rows.append((rel, label))
+        rows.sort()
+        with open(out_dir / f"{split}.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(("filepath", "label"))
+            writer.writerows(rows)
+
+
+def export_sample_digits(out_dir: str | os.PathLike[str]) -> int:
+    """Export scikit-learn's 1,797 handwritten 8x8 digits into the raw layout.
+
+    The pixels (0..16) are scaled to 0..255; the split is stratified and seeded.
+    The output is byte-for-byte deterministic so the committed data.dvc matches.
+    Returns the number of images written.
+    """
+    from sklearn.datasets import load_digits  # ships the data; no download
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    labels = [str(int(t)) for t in digits.target]
+    train, test = stratified_split(digits.target, SAMPLE_TEST_FRACTION, SAMPLE_SEED)
+    with atomic_dir(out_dir) as tmp:
+        write_image_folder(tmp, images, labels, {"train": train, "test": test})
+    return len(images)
+
+
+# --------------------------------------------------------------------------- raw reading
+
+
+@dataclass(frozen=True)
+class RawSplit:
+    name: str
+    files: list[Path]
+    labels: list[str]
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    """Numeric labels in numeric order (2 before 10), anything else alphabetically."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
+    split = csv_path.stem
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            if "filepath" not in fields or "label" not in fields:
+                raise PipelineError(
+                    f"{csv_path}: header must contain 'filepath,label' (found {','.join(fields)!r})"
+                )
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{csv_path}: not a UTF-8 CSV file ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise PipelineError(f"{csv_path}: malformed CSV ({exc})") from exc
+    if not rows:
+        raise PipelineError(f"{csv_path}: no rows; every split needs at least one image")
+
+    root = raw_dir.resolve()
+    files: list[Path] = []
+    labels: list[str] = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        rel = (row.get("filepath") or "").strip()
+        label = (row.get("label") or "").strip()
+        where = f"{csv_path} line {line}"
+        if not rel or not label:
+            raise PipelineError(f"{where}: empty filepath or label")
+        if rel in seen:
+            raise PipelineError(f"{where}: duplicate filepath {rel!r}")
+        seen.add(rel)
+        path = raw_dir / rel
+        if not path.resolve().is_relative_to(root):
+            raise PipelineError(f"{where}: filepath {rel!r} points outside {raw_dir}")
+        parts = Path(rel).parts
+        if len(parts) != 3 or parts[0] != split:
+            raise PipelineError(f"{where}: filepath {rel!r} is not of the form {split}/<label>/<file>")
+        if parts[1] != label:
+            raise PipelineError(
+                f"{where}: label {label!r} disagrees with its folder {parts[0]}/{parts[1]}/"
+            )
+        if not path.is_file():
+            raise PipelineError(f"{where}: image file not found: {path}")
+        files.append(path)
+        labels.append(label)
+
+    # A class folder with no images is almost always a failed copy: say so.
+    split_dir = raw_dir / split
+    if split_dir.is_dir():
+        listed = set(files)
+        unlisted = 0
+        for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+            images = [p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not images:
+                raise PipelineError(f"class folder {class_dir} has no images")
+            unlisted += sum(1 for p in images if p not in listed)
+        if unlisted:
+            log.warning("%d image(s) under %s are not listed in %s; ignored", unlisted, split_dir, csv_path)
+    return RawSplit(split, files, labels)
+
+
+def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
+    """Read and validate every ``<split>.csv`` in ``raw_dir``; train and test are required."""
+    raw = Path(raw_dir)
+    if not raw.is_dir():
+        raise PipelineError(f"raw data directory not found: {raw} (run `make data` for the sample)")
+    csvs = sorted(raw.glob("*.csv"))
+    if not csvs:
+        what = "is empty" if not any(raw.iterdir()) else "has no <split>.csv files"
+        raise PipelineError(f"raw data directory {raw} {what}: expected train.csv and test.csv")
+    names = {p.stem for p in csvs}
+    missing = [s for s in REQUIRED_SPLITS if s not in names]
+    if missing:
+        raise PipelineError(f"raw data directory {raw}: missing {', '.join(s + '.csv' for s in missing)}")
+    splits = {p.stem: _read_split_csv(raw, p) for p in csvs}
+    train_classes = set(splits["train"].labels)
+    for name, split in splits.items():
+        extra = set(split.labels) - train_classes
+        if extra:
+            raise PipelineError(
+                f"{raw / (name + '.csv')}: label(s) {sorted(extra)} never appear in train.csv"
+            )
+    return splits
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _open_image(path: Path):
+    """Decode one image fully (truncation surfaces here) as mode L or RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in im.info):
+                raise PipelineError(f"{path}: image has an alpha channel; use grayscale or RGB")
+            if mode == "1":
+                return im.convert("L")
+            if mode == "P":
+                return im.convert("RGB")
+            if mode not in ("L", "RGB"):
+                raise PipelineError(f"{path}: unsupported image mode {mode!r}; use grayscale or RGB")
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def _decode_chunk(
+    out_path: str, start: int, files: list[str], size: tuple[int, int], mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``files`` into rows ``start..`` of the memory-mapped output.
+
+    Returns per-channel sums and sums of squares for normalisation stats, so no
+    pixel data travels back to the parent process.
+    """
+    out = np.load(out_path, mmap_mode="r+")
+    channels = out.shape[3]
+    total = np.zeros(channels, dtype=np.float64)
+    total_sq = np.zeros(channels, dtype=np.float64)
+    for offset, name in enumerate(files):
+        path = Path(name)
+        im = _open_image(path)
+        if im.size != size:
+            raise PipelineError(
+                f"{path}: image size {im.size[0]}x{im.size[1]} differs from the dataset's "
+                f"{size[0]}x{size[1]}"
+            )
+        if im.mode != mode:
+            raise PipelineError(f"{path}: image mode {im.mode} differs from the dataset's {mode}")
+        pixels = np.asarray(im, dtype=np.uint8).reshape(size[1], size[0], channels)
+        out[start + offset] = pixels
+        flat = pixels.reshape(-1, channels).astype(np.float64)
+        total += flat.sum(axis=0)
+        total_sq += (flat * flat).sum(axis=0)
+    out.flush()
+    return total, total_sq
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _decode_split(
+    split: RawSplit, out_path: Path, size: tuple[int, int], mode: str, workers: int
+) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm import tqdm
+
+    channels = 1 if mode == "L" else 3
+    n = len(split.files)
+    images = np.lib.format.open_memmap(
+        out_path, mode="w+", dtype=np.uint8, shape=(n, size[1], size[0], channels)
+    )
+    del images  # workers open their own views; the header is on disk now
+    names = [str(p) for p in split.files]
+    chunk = max(64, min(4096, math.ceil(n / (workers * 8))))
+    starts = range(0, n, chunk)
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    with tqdm(total=n, unit="img", desc=f"decode {split.name}", disable=None, leave=False) as bar:
+        if workers <= 1 or n <= chunk:
+            for s in starts:
+                t, tsq = _decode_chunk(str(out_path), s, names[s : s + chunk], size, mode)
+                total += t
+                total_sq += tsq
+                bar.update(len(names[s : s + chunk]))
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {
+                    pool.submit(_decode_chunk, str(out_path), s, names[s : s + chunk], size, mode): s
+                    for s in starts
+                }
+                try:
+                    for future in as_completed(futures):
+                        t, tsq = future.result()
+                        total += t
+                        total_sq += tsq
+                        bar.update(min(chunk, n - futures[future]))
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    return total, total_sq
+
+
+def process_dataset(
+    raw_data_dir_path: str | os.PathLike[str],
+    processed_data_dir_path: str | os.PathLike[str],
+    num_workers: int = 0,
+) -> dict:
+    """Validate the raw dataset, decode it on all cores and write the processed arrays.
+
+    Everything is written into a temp directory that replaces the output only
+    when complete, so a failure leaves the previous output untouched.
+    Returns the metadata written to ``metadata.json``.
+    """
+    splits = read_raw_dataset(raw_data_dir_path)
+    classes = _sort_labels(set(splits["train"].labels))
+    index = {label: i for i, label in enumerate(classes)}
+    reference = _open_image(splits["train"].files[0])
+    size, mode = reference.size, reference.mode
+    channels = 1 if mode == "L" else 3
+    workers = num_workers if num_workers > 0 else available_cpus()
+    log.info(
+        "processing %s: %s, %d classes, %dx%d %s, %d workers",
+        raw_data_dir_path,
+        ", ".join(f"{s.name}={len(s.files)}" for s in splits.values()),
+        len(classes),
+        size[0],
+        size[1],
+        mode,
+        workers,
+    )
+
+    meta_splits: dict[str, dict] = {}
+    with atomic_dir(processed_data_dir_path) as tmp:
+        stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for name, split in splits.items():
+            stats[name] = _decode_split(split, tmp / f"{name}_images.npy", size, mode, workers)
+            labels = np.array([index[label] for label in split.labels], dtype=np.int64)
+            np.save(tmp / f"{name}_labels.npy", labels)
+            counts = Counter(split.labels)
+            meta_splits[name] = {
+                "count": len(split.files),
+                "images": f"{name}_images.npy",
+                "labels": f"{name}_labels.npy",
+                "class_counts": {label: counts.get(label, 0) for label in classes},
+            }
+        total, total_sq = stats["train"]
+        pixels = len(splits["train"].files) * size[0] * size[1]
+        mean = total / pixels / 255.0
+        var = np.maximum(total_sq / pixels / 255.0**2 - mean**2, 0.0)
+        std = np.maximum(np.sqrt(var), 1e-6)  # a constant channel must not divide by zero
+        metadata = {
+            "format_version": FORMAT_VERSION,
+            "classes": classes,
+            "num_classes": len(classes),
+            "image_shape": [channels, size[1], size[0]],
+            "mode": mode,
+            "splits": meta_splits,
+            "normalization": {
+                "mean": [round(float(m), 8) for m in mean],
+                "std": [round(float(s), 8) for s in std],
+            },
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %s (%s)", processed_data_dir_path, ", ".join(f"{k}={v['count']}" for k, v in meta_splits.items()))
+    return metadata
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, C), usually a read-only memory map
+    labels: np.ndarray  # int64 (N,)
+
+
+@dataclass(frozen=True)
+class ProcessedData:
+    classes: list[str]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Split
+    test: Split
+
+
+def load_processed(processed_dir: str | os.PathLike[str]) -> ProcessedData:
+    """Open the processed arrays memory-mapped; nothing is read until used."""
+    root = Path(processed_dir)
+    meta_path = root / METADATA_FILE
+    if not meta_path.is_file():
+        raise PipelineError(
+            f"processed data not found: {meta_path} (run `make process-data` or `dvc repro`)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise PipelineError(
+                f"{meta_path}: format_version {meta.get('format_version')} is not "
+                f"{FORMAT_VERSION}; re-run process_data"
+            )
+        splits = {}
+        for name in REQUIRED_SPLITS:
+            entry = meta["splits"][name]
+            images = np.load(root / entry["images"], mmap_mode="r")
+            labels = np.load(root / entry["labels"], mmap_mode="r")
+            if len(images) != len(labels) or len(images) != entry["count"]:
+                raise PipelineError(f"{root}: {name} arrays disagree with {METADATA_FILE}; re-run process_data")
+            splits[name] = Split(images, labels)
+        return ProcessedData(
+            classes=list(meta["classes"]),
+            image_shape=tuple(meta["image_shape"]),
+            mean=tuple(meta["normalization"]["mean"]),
+            std=tuple(meta["normalization"]["std"]),
+            train=splits["train"],
+            test=splits["test"],
+        )
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError, OSError) as exc:
+        raise PipelineError(f"{root}: processed data is incomplete or corrupt ({exc}); re-run process_data") from exc

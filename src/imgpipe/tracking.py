@@ -1,0 +1,255 @@
+"""One Tracker for MLflow and dvclive: same metric names, one batched call per epoch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from imgpipe.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+HPTUNING_TAG_ENV = "MLFLOW_HPTUNING_TAG"
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL (``scheme://user:***@host``) so it can be shown."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = netloc.rsplit("@", 1)[1]
+        netloc = f"{user}:***@{host}"
+    query = re.sub(r"(?i)(password|passwd|pwd|token|secret)=[^&]*", r"\1=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def project_root() -> Path:
+    """Where the local store lives. DVC_ROOT points at the real repository even when
+    ``dvc exp run --temp/--queue`` runs the stage in a throw-away copy."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config key, else MLFLOW_TRACKING_URI, else the local SQLite store under mlruns/."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on a store we cannot use, before any data is loaded or trained."""
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        url = uri.rstrip("/") + "/health"
+        try:
+            response = requests.get(url, timeout=timeout)
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+            raise PipelineError(
+                f"MLflow tracking server {redact_url(uri)} is unreachable ({reason}); "
+                "start one (`make mlflow-ui`) or unset mlflow_tracking_uri / MLFLOW_TRACKING_URI"
+            ) from None
+        if response.status_code != 200:
+            raise PipelineError(
+                f"MLflow tracking server {redact_url(uri)} answered HTTP {response.status_code} on /health"
+            )
+    elif scheme == "sqlite":
+        path = uri.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PipelineError(f"cannot create the MLflow store {path}: {exc.strerror}") from None
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_tags() -> dict[str, str]:
+    """Tags every run carries: sweep tag, git commit, DVC experiment name."""
+    tags: dict[str, str] = {}
+    if tag := os.environ.get(HPTUNING_TAG_ENV):
+        tags["hptuning_tag"] = tag
+    if commit := git_commit():
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = exp
+    return tags
+
+
+# --------------------------------------------------------------------------- Tracker
+
+
+class Tracker:
+    """MLflow (optional) and dvclive (always) behind one small typed interface.
+
+    Use as a context manager: the MLflow run ends FINISHED, FAILED or KILLED to
+    match how the block ended, and dvclive writes its summary.
+    """
+
+    def __init__(
+        self,
+        *,
+        mlflow_enabled: bool,
+        tracking_uri: str | None,
+        experiment_name: str,
+        run_name: str,
+        live_dir: str | os.PathLike[str],
+        tags: Mapping[str, str] | None = None,
+        autolog: bool = False,
+        system_metrics: bool = False,
+        resume_run_id: str | None = None,
+        live_resume: bool = False,
+    ) -> None:
+        self.mlflow_enabled = mlflow_enabled
+        self.tracking_uri = resolve_tracking_uri(tracking_uri) if mlflow_enabled else None
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.live_dir = Path(live_dir)
+        self.tags = dict(tags or {})
+        self.autolog = autolog
+        self.system_metrics = system_metrics
+        self.resume_run_id = resume_run_id
+        self.live_resume = live_resume
+        self.run_id: str | None = None
+        self._live: Any = None
+        if self.tracking_uri:
+            check_tracking_uri(self.tracking_uri)
+
+    def __enter__(self) -> Tracker:
+        if self.mlflow_enabled:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.tracking_uri)
+            try:
+                mlflow.set_experiment(self.experiment_name)
+            except mlflow.exceptions.MlflowException as exc:
+                raise PipelineError(
+                    f"MLflow store {redact_url(self.tracking_uri)}: cannot use experiment "
+                    f"{self.experiment_name!r} ({exc.message.splitlines()[0]})"
+                ) from None
+            if self.autolog:
+                mlflow.autolog(log_models=False, silent=True)
+            run = mlflow.start_run(
+                run_id=self.resume_run_id,
+                run_name=None if self.resume_run_id else self.run_name,
+                tags=self.tags,
+                log_system_metrics=self.system_metrics,
+            )
+            self.run_id = run.info.run_id
+            log.info(
+                "MLflow run %s (%s) in experiment %r at %s",
+                self.run_id,
+                "resumed" if self.resume_run_id else "new",
+                self.experiment_name,
+                redact_url(self.tracking_uri),
+            )
+        from dvclive import Live
+
+        # dvcyaml=None: dvc.yaml declares metrics and plots itself; dvclive must not rewrite it.
+        self._live = Live(
+            dir=str(self.live_dir),
+            resume=self.live_resume,
+            report=None,
+            save_dvc_exp=False,
+            dvcyaml=None,
+        )
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._live is not None:
+            self._live.end()
+        if self.mlflow_enabled and self.run_id:
+            import mlflow
+
+            if exc_type is None:
+                status = "FINISHED"
+            elif issubclass(exc_type, KeyboardInterrupt):
+                status = "KILLED"
+            else:
+                status = "FAILED"
+            mlflow.end_run(status=status)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.mlflow_enabled:
+            import mlflow
+
+            mlflow.log_params({k: _param_value(k, v) for k, v in params.items()})
+
+    def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Log one epoch: a single MLflow batch request, and the dvclive step."""
+        if self.mlflow_enabled:
+            import mlflow
+
+            mlflow.log_metrics(dict(metrics), step=step)
+        self._live.step = step
+        for name, value in metrics.items():
+            self._live.log_metric(name, value)
+        self._live.make_summary()
+
+    def log_confusion_matrix(self, actual: Sequence[str], predicted: Sequence[str]) -> None:
+        self._live.log_sklearn_plot(
+            "confusion_matrix", list(actual), list(predicted), name="confusion_matrix.json"
+        )
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        if self.mlflow_enabled:
+            import mlflow
+
+            mlflow.log_dict(dict(data), artifact_file)
+
+    def log_model(self, model: Any, example: Any) -> None:
+        """Log the trained model as an MLflow model (loadable with mlflow.pytorch.load_model)."""
+        if not self.mlflow_enabled:
+            return
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(example).cpu().numpy()
+        signature = infer_signature(example.cpu().numpy(), output)
+        # Explicit requirements: inferring them imports and inspects the whole env (slow).
+        mlflow.pytorch.log_model(
+            model.cpu(),
+            name="model",
+            signature=signature,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+
+
+def _param_value(key: str, value: Any) -> Any:
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return value

@@ -1,0 +1,223 @@
+"""The training job as one function: config -> data -> model -> epochs -> (loss, accuracy)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgpipe import checkpoint
+from imgpipe.config import TrainConfig
+from imgpipe.data import ProcessedData, load_processed
+from imgpipe.engine import TensorSplit, evaluate, train_one_epoch
+from imgpipe.errors import PipelineError
+from imgpipe.model import MODEL_NAME, ConvNet
+from imgpipe.tracking import Tracker, redact_url, run_tags
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("train/loss", "train/accuracy", "test/loss", "test/accuracy")
+
+
+def pick_device(no_cuda: bool, no_mps: bool) -> torch.device:
+    if torch.cuda.is_available() and not no_cuda:
+        return torch.device("cuda")
+    if not no_mps and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed every RNG; return the generator that orders the training batches."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def shape_hash(data: ProcessedData) -> str:
+    """What a checkpoint's weights depend on: architecture, input shape, classes, normalisation."""
+    key = {
+        "model": MODEL_NAME,
+        "image_shape": list(data.image_shape),
+        "classes": data.classes,
+        "mean": list(data.mean),
+        "std": list(data.std),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def loggable_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as MLflow params, with any URL password redacted."""
+    params = asdict(cfg)
+    if params.get("mlflow_tracking_uri"):
+        params["mlflow_tracking_uri"] = redact_url(params["mlflow_tracking_uri"])
+    return params
+
+
+def train(cfg: TrainConfig) -> tuple[float, float]:
+    """Train the CNN described by ``cfg``; return the final (test loss, test accuracy)."""
+    started = time.perf_counter()
+    device = pick_device(cfg.no_cuda, cfg.no_mps)
+    data = load_processed(cfg.data_dir_path)
+    ckpt_dir = Path(cfg.model_checkpoint_dir_path)
+    ckpt_path = ckpt_dir / checkpoint.CHECKPOINT_FILE
+    fingerprint = shape_hash(data)
+
+    generator = seed_everything(cfg.seed)
+    channels, height, width = data.image_shape
+    model = ConvNet(channels, height, width, len(data.classes)).to(device)
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.gamma)
+
+    start_epoch, global_step, history, run_id = 1, 0, [], None
+    if cfg.resume:
+        state = _load_resume_state(ckpt_path, fingerprint)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            checkpoint.restore_rng(state["rng"], generator)
+            start_epoch = state["epoch"] + 1
+            global_step = state["global_step"]
+            history = list(state["history"])
+            run_id = state["mlflow_run_id"]
+            log.info("resuming after epoch %d from %s", state["epoch"], ckpt_path)
+
+    train_split = TensorSplit(data.train.images, data.train.labels, data.mean, data.std, device)
+    test_split = TensorSplit(data.test.images, data.test.labels, data.mean, data.std, device)
+    log.info(
+        "training on %s: %d train / %d test images, %d classes, %dx%dx%d, epochs %d..%d",
+        device,
+        len(train_split),
+        len(test_split),
+        len(data.classes),
+        channels,
+        height,
+        width,
+        start_epoch,
+        cfg.epochs,
+    )
+
+    with Tracker(
+        mlflow_enabled=cfg.setup_mlflow,
+        tracking_uri=cfg.mlflow_tracking_uri,
+        experiment_name=cfg.mlflow_exp_name,
+        run_name=cfg.mlflow_run_name,
+        live_dir=cfg.live_dir_path,
+        tags=run_tags(),
+        autolog=cfg.mlflow_autolog,
+        system_metrics=cfg.mlflow_system_metrics,
+        resume_run_id=run_id if cfg.setup_mlflow else None,
+        live_resume=start_epoch > 1,
+    ) as tracker:
+        if start_epoch == 1:
+            tracker.log_params(loggable_params(cfg) | {"device": str(device), "model": MODEL_NAME})
+            tracker.log_dict(_describe(data), "metadata.json")
+        metrics: dict[str, float] = dict(history[-1]["metrics"]) if history else {}
+        predicted = None
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            fit = train_one_epoch(
+                model, optimizer, train_split, cfg.train_bs, generator, epoch, cfg.log_interval
+            )
+            scheduler.step()
+            score, predicted = evaluate(model, test_split, cfg.test_bs)
+            global_step += -(-len(train_split) // cfg.train_bs)
+            metrics = {
+                "train/loss": fit.loss,
+                "train/accuracy": fit.accuracy,
+                "test/loss": score.loss,
+                "test/accuracy": score.accuracy,
+            }
+            tracker.log_epoch(epoch, metrics)
+            history.append({"epoch": epoch, "metrics": metrics})
+            log.info(
+                "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  (%.2fs)",
+                epoch,
+                cfg.epochs,
+                fit.loss,
+                fit.accuracy,
+                score.loss,
+                score.accuracy,
+                time.perf_counter() - t0,
+            )
+            if epoch % cfg.model_checkpoint_interval == 0 or epoch == cfg.epochs:
+                checkpoint.save_atomic(
+                    {
+                        "format": 1,
+                        "epoch": epoch,
+                        "global_step": global_step,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng": checkpoint.capture_rng(generator),
+                        "mlflow_run_id": tracker.run_id,
+                        "history": history,
+                        "config_hash": fingerprint,
+                        "config": loggable_params(cfg),
+                    },
+                    ckpt_path,
+                )
+
+        if predicted is None:  # resumed a run that had already reached `epochs`
+            _, predicted = evaluate(model, test_split, cfg.test_bs)
+        checkpoint.save_atomic(
+            {
+                "model_name": MODEL_NAME,
+                "state_dict": model.state_dict(),
+                "classes": data.classes,
+                "image_shape": list(data.image_shape),
+                "mean": list(data.mean),
+                "std": list(data.std),
+            },
+            ckpt_dir / checkpoint.MODEL_FILE,
+        )
+        tracker.log_confusion_matrix(
+            [data.classes[i] for i in test_split.labels.tolist()],
+            [data.classes[i] for i in predicted.tolist()],
+        )
+        example, _ = test_split.batch(slice(0, 2))
+        tracker.log_model(model, example.cpu())
+    log.info(
+        "done in %.1fs: test loss %.4f, test accuracy %.4f",
+        time.perf_counter() - started,
+        metrics["test/loss"],
+        metrics["test/accuracy"],
+    )
+    return metrics["test/loss"], metrics["test/accuracy"]
+
+
+def _describe(data: ProcessedData) -> dict[str, Any]:
+    return {
+        "classes": data.classes,
+        "image_shape": list(data.image_shape),
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "train_count": len(data.train.labels),
+        "test_count": len(data.test.labels),
+    }
+
+
+def _load_resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        log.warning("resume=true but no checkpoint at %s: starting fresh", path)
+        return None
+    try:
+        state = checkpoint.load(path)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise PipelineError(f"{path}: checkpoint cannot be read ({type(exc).__name__}); "
+                            "delete it or set resume=false") from exc
+    if state.get("config_hash") != fingerprint:
+        raise PipelineError(
+            f"{path}: checkpoint was trained for a different model or data; "
+            "set resume=false to start fresh"
+        )
+    return state

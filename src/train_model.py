@@ -1,0 +1,31 @@
+"""Train the CNN on the processed data, tracked in MLflow and dvclive.
+
+Usage (from the project root):
+    python -u src/train_model.py
+    python -u src/train_model.py lr=1.5 epochs=5
+    python -u src/train_model.py mlflow_tracking_uri=http://127.0.0.1:5000 log_dir=./logs
+    python -u src/train_model.py resume=true epochs=20      # continue / extend the last run
+    python -u src/train_model.py --multirun                  # Optuna sweep (conf/train_model.yaml)
+Config: conf/train_model.yaml. Under DVC: `make train` (values from params.yaml).
+Returns (test loss, test accuracy) to Hydra's sweeper.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from imgpipe.cli import guarded, run_entry
+from imgpipe.config import TrainConfig, to_schema
+from imgpipe.logs import setup_logging
+
+
+@hydra.main(config_path="../conf", config_name="train_model")
+def main(cfg: DictConfig) -> tuple[float, float]:
+    config = guarded(to_schema, TrainConfig, cfg, "conf/train_model.yaml")
+    setup_logging(config.log_dir)
+    from imgpipe.train import train  # torch loads only once the config is known good
+
+    return guarded(train, config)
+
+
+if __name__ == "__main__":
+    run_entry(main, "train_model", TrainConfig)
