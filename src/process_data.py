@@ -2,7 +2,7 @@
 
 Usage (from the project root):
     python -u src/process_data.py log_dir=./logs
-    python -u src/process_data.py raw_data_dir_path=/path/to/raw processed_data_dir_path=data/processed
+    python -u src/process_data.py raw_data_dir_path=/path/to/raw num_workers=4
 Config: conf/process_data.yaml. Under DVC: `make process-data` (values from params.yaml).
 """
 

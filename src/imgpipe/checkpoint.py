@@ -56,7 +56,13 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
     random.setstate((python[0], tuple(python[1]), python[2]))
     npy = state["numpy"]
     np.random.set_state(
-        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+        (
+            npy["kind"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached"],
+        )
     )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

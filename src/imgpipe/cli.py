@@ -51,7 +51,9 @@ def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> No
         if key.startswith("hydra") or override.package or "/" in key:
             continue
         if key not in known:
-            raise PipelineError(f"{source}: unknown config key '{key}' (known: {', '.join(sorted(known))})")
+            raise PipelineError(
+                f"{source}: unknown config key '{key}' (known: {', '.join(sorted(known))})"
+            )
     try:
         with initialize_config_dir(str(conf_dir())):
             cfg = compose(config_name=config_name, overrides=overrides)

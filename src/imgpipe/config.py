@@ -74,7 +74,9 @@ class TrainConfig:
             self.model_checkpoint_interval,
             ">= 1",
         )
-        _check(bool(self.mlflow_exp_name.strip()), "mlflow_exp_name", self.mlflow_exp_name, "non-empty")
+        _check(
+            bool(self.mlflow_exp_name.strip()), "mlflow_exp_name", self.mlflow_exp_name, "non-empty"
+        )
 
 
 SCHEMAS: dict[str, type] = {"process_data": ProcessDataConfig, "train_model": TrainConfig}
@@ -104,7 +106,9 @@ def to_schema(schema: type, cfg: Any, source: str) -> Any:
     known = {f.name for f in fields(schema)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise PipelineError(f"{source}: unknown config key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        raise PipelineError(
+            f"{source}: unknown config key '{unknown[0]}' (known: {', '.join(sorted(known))})"
+        )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return OmegaConf.to_object(merged)
@@ -144,7 +148,8 @@ def _override_value(value: Any) -> str:
         return "[" + ",".join(_override_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_override_value(v)}" for k, v in value.items()) + "}"
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    # Hydra's quoted strings: only backslashes before a quote or at the end are escapes.
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, str(value)).replace("'", "\\'")
     return f"'{text}'"
 
 
@@ -173,3 +178,35 @@ def params_file_overrides(schema: type, argv: list[str]) -> list[str]:
     on_cli = {m.group(1) for a in argv if (m := _OVERRIDE_KEY.match(a))}
     known = [f.name for f in fields(schema)]
     return [f"{k}={_override_value(params[k])}" for k in known if k in params and k not in on_cli]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imgpipe.config [--check] [PATH]``: write params.yaml from conf/, or check it."""
+    import argparse
+    import sys
+
+    from imgpipe.atomic import write_text_atomic
+
+    parser = argparse.ArgumentParser(prog="python -m imgpipe.config", description=main.__doc__)
+    parser.add_argument("path", nargs="?", default="params.yaml")
+    parser.add_argument("--check", action="store_true", help="fail if PATH differs from conf/")
+    args = parser.parse_args(argv)
+    text = compose_params()
+    if args.check:
+        try:
+            current = Path(args.path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            print(
+                f"error: {args.path} is out of date with conf/: run `make params`", file=sys.stderr
+            )
+            return 1
+        return 0
+    write_text_atomic(args.path, text)
+    print(f"wrote {args.path} from conf/{PIPELINE_CONFIG}.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -71,10 +71,7 @@ def encode_png_gray(pixels: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", stream)
-        + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
     )
 
 
@@ -190,7 +187,9 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
             raise PipelineError(f"{where}: filepath {rel!r} points outside {raw_dir}")
         parts = Path(rel).parts
         if len(parts) != 3 or parts[0] != split:
-            raise PipelineError(f"{where}: filepath {rel!r} is not of the form {split}/<label>/<file>")
+            raise PipelineError(
+                f"{where}: filepath {rel!r} is not of the form {split}/<label>/<file>"
+            )
         if parts[1] != label:
             raise PipelineError(
                 f"{where}: label {label!r} disagrees with its folder {parts[0]}/{parts[1]}/"
@@ -211,7 +210,9 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
                 raise PipelineError(f"class folder {class_dir} has no images")
             unlisted += sum(1 for p in images if p not in listed)
         if unlisted:
-            log.warning("%d image(s) under %s are not listed in %s; ignored", unlisted, split_dir, csv_path)
+            log.warning(
+                "%d image(s) under %s are not listed in %s; ignored", unlisted, split_dir, csv_path
+            )
     return RawSplit(split, files, labels)
 
 
@@ -227,7 +228,9 @@ def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
     names = {p.stem for p in csvs}
     missing = [s for s in REQUIRED_SPLITS if s not in names]
     if missing:
-        raise PipelineError(f"raw data directory {raw}: missing {', '.join(s + '.csv' for s in missing)}")
+        raise PipelineError(
+            f"raw data directory {raw}: missing {', '.join(s + '.csv' for s in missing)}"
+        )
     splits = {p.stem: _read_split_csv(raw, p) for p in csvs}
     train_classes = set(splits["train"].labels)
     for name, split in splits.items():
@@ -257,7 +260,9 @@ def _open_image(path: Path):
             if mode == "P":
                 return im.convert("RGB")
             if mode not in ("L", "RGB"):
-                raise PipelineError(f"{path}: unsupported image mode {mode!r}; use grayscale or RGB")
+                raise PipelineError(
+                    f"{path}: unsupported image mode {mode!r}; use grayscale or RGB"
+                )
             return im.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
@@ -327,7 +332,9 @@ def _decode_split(
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = {
-                    pool.submit(_decode_chunk, str(out_path), s, names[s : s + chunk], size, mode): s
+                    pool.submit(
+                        _decode_chunk, str(out_path), s, names[s : s + chunk], size, mode
+                    ): s
                     for s in starts
                 }
                 try:
@@ -404,7 +411,11 @@ def process_dataset(
             },
         }
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    log.info("wrote %s (%s)", processed_data_dir_path, ", ".join(f"{k}={v['count']}" for k, v in meta_splits.items()))
+    log.info(
+        "wrote %s (%s)",
+        processed_data_dir_path,
+        ", ".join(f"{k}={v['count']}" for k, v in meta_splits.items()),
+    )
     return metadata
 
 
@@ -448,7 +459,9 @@ def load_processed(processed_dir: str | os.PathLike[str]) -> ProcessedData:
             images = np.load(root / entry["images"], mmap_mode="r")
             labels = np.load(root / entry["labels"], mmap_mode="r")
             if len(images) != len(labels) or len(images) != entry["count"]:
-                raise PipelineError(f"{root}: {name} arrays disagree with {METADATA_FILE}; re-run process_data")
+                raise PipelineError(
+                    f"{root}: {name} arrays disagree with {METADATA_FILE}; re-run process_data"
+                )
             splits[name] = Split(images, labels)
         return ProcessedData(
             classes=list(meta["classes"]),
@@ -459,4 +472,22 @@ def load_processed(processed_dir: str | os.PathLike[str]) -> ProcessedData:
             test=splits["test"],
         )
     except (KeyError, TypeError, json.JSONDecodeError, ValueError, OSError) as exc:
-        raise PipelineError(f"{root}: processed data is incomplete or corrupt ({exc}); re-run process_data") from exc
+        raise PipelineError(
+            f"{root}: processed data is incomplete or corrupt ({exc}); re-run process_data"
+        ) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m imgpipe.data OUT_DIR``: export the sample digits into OUT_DIR."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m imgpipe.data", description=main.__doc__)
+    parser.add_argument("out_dir", help="where to write the raw layout, e.g. data/raw")
+    args = parser.parse_args(argv)
+    count = export_sample_digits(args.out_dir)
+    print(f"wrote {count} sample digits to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

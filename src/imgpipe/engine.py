@@ -30,15 +30,18 @@ class TensorSplit:
         device: torch.device,
     ) -> None:
         # (N, H, W, C) on disk -> (N, C, H, W) for convolutions, once.
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+        # np.array copies out of the read-only memory map (torch wants writable memory).
+        self.images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
         self.device = device
         if device.type == "cuda":
             self.images = self.images.pin_memory()
             self.labels = self.labels.pin_memory()
         shape = (1, len(mean), 1, 1)
         self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape).to(device)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape).to(device)
+        self.shift = (
+            (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape).to(device)
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -93,7 +96,9 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorSplit, batch_size: int) -> tuple[EpochResult, torch.Tensor]:
+def evaluate(
+    model: nn.Module, data: TensorSplit, batch_size: int
+) -> tuple[EpochResult, torch.Tensor]:
     """Mean loss and accuracy over ``data``, plus the predicted class of every item."""
     model.eval()
     total_loss = torch.zeros((), device=data.device)

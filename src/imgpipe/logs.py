@@ -9,7 +9,9 @@ from pathlib import Path
 import yaml
 
 
-def setup_logging(log_dir: str | os.PathLike[str], config_path: str | os.PathLike[str] | None = None) -> Path:
+def setup_logging(
+    log_dir: str | os.PathLike[str], config_path: str | os.PathLike[str] | None = None
+) -> Path:
     """Configure logging from ``conf/logging.yaml``; file handlers write inside ``log_dir``.
 
     Returns the log directory. Handler file names in the YAML are relative to it.

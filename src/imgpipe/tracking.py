@@ -29,12 +29,15 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable URL>"
     netloc = parts.netloc
+    query = _SECRET_QUERY.sub(r"\1=***", parts.query)
+    if parts.password is None and query == parts.query:
+        return url  # nothing secret; urlunsplit would also mangle sqlite:////abs/path
     if parts.password is not None:
-        user = parts.username or ""
-        host = netloc.rsplit("@", 1)[1]
-        netloc = f"{user}:***@{host}"
-    query = re.sub(r"(?i)(password|passwd|pwd|token|secret)=[^&]*", r"\1=***", parts.query)
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_SECRET_QUERY = re.compile(r"(?i)\b(password|passwd|pwd|token|secret)=[^&]*")
 
 
 def project_root() -> Path:
@@ -69,7 +72,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             ) from None
         if response.status_code != 200:
             raise PipelineError(
-                f"MLflow tracking server {redact_url(uri)} answered HTTP {response.status_code} on /health"
+                f"MLflow tracking server {redact_url(uri)} answered HTTP "
+                f"{response.status_code} on /health"
             )
     elif scheme == "sqlite":
         path = uri.split("sqlite:///", 1)[-1]
@@ -77,13 +81,20 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise PipelineError(f"cannot create the MLflow store {path}: {exc.strerror}") from None
+                raise PipelineError(
+                    f"cannot create the MLflow store {path}: {exc.strerror}"
+                ) from None
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -139,8 +150,6 @@ class Tracker:
         self.live_resume = live_resume
         self.run_id: str | None = None
         self._live: Any = None
-        if self.tracking_uri:
-            check_tracking_uri(self.tracking_uri)
 
     def __enter__(self) -> Tracker:
         if self.mlflow_enabled:
@@ -148,6 +157,7 @@ class Tracker:
 
             mlflow.set_tracking_uri(self.tracking_uri)
             try:
+                _ensure_experiment(self.tracking_uri, self.experiment_name)
                 mlflow.set_experiment(self.experiment_name)
             except mlflow.exceptions.MlflowException as exc:
                 raise PipelineError(
@@ -235,18 +245,37 @@ class Tracker:
             return
         import mlflow
         import torch
-        from mlflow.models import infer_signature
 
-        with torch.no_grad():
-            output = model(example).cpu().numpy()
-        signature = infer_signature(example.cpu().numpy(), output)
+        model = model.cpu().eval()
+        # "pt2" (torch.export) loads without running pickled code; it traces with the example.
         # Explicit requirements: inferring them imports and inspects the whole env (slow).
         mlflow.pytorch.log_model(
-            model.cpu(),
+            model,
             name="model",
-            signature=signature,
+            input_example=example.cpu().numpy(),
+            serialization_format="pt2",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
+
+
+def _ensure_experiment(tracking_uri: str, name: str) -> None:
+    """Create the experiment with its artifacts beside a local SQLite store.
+
+    MLflow's default artifact root is ./mlruns under the *current* directory,
+    which for `dvc exp run --temp` is a copy that is thrown away.
+    """
+    import mlflow
+
+    if not tracking_uri.startswith("sqlite:///") or mlflow.get_experiment_by_name(name):
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    try:
+        mlflow.create_experiment(
+            name, artifact_location=(db.parent / "artifacts").resolve().as_uri()
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race
+            raise
 
 
 def _param_value(key: str, value: Any) -> Any:

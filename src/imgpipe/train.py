@@ -20,7 +20,13 @@ from imgpipe.data import ProcessedData, load_processed
 from imgpipe.engine import TensorSplit, evaluate, train_one_epoch
 from imgpipe.errors import PipelineError
 from imgpipe.model import MODEL_NAME, ConvNet
-from imgpipe.tracking import Tracker, redact_url, run_tags
+from imgpipe.tracking import (
+    Tracker,
+    check_tracking_uri,
+    redact_url,
+    resolve_tracking_uri,
+    run_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,9 @@ def loggable_params(cfg: TrainConfig) -> dict[str, Any]:
 def train(cfg: TrainConfig) -> tuple[float, float]:
     """Train the CNN described by ``cfg``; return the final (test loss, test accuracy)."""
     started = time.perf_counter()
+    tracking_uri = resolve_tracking_uri(cfg.mlflow_tracking_uri) if cfg.setup_mlflow else None
+    if tracking_uri:
+        check_tracking_uri(tracking_uri)  # before any data is read: fail in seconds, not minutes
     device = pick_device(cfg.no_cuda, cfg.no_mps)
     data = load_processed(cfg.data_dir_path)
     ckpt_dir = Path(cfg.model_checkpoint_dir_path)
@@ -109,7 +118,7 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
 
     with Tracker(
         mlflow_enabled=cfg.setup_mlflow,
-        tracking_uri=cfg.mlflow_tracking_uri,
+        tracking_uri=tracking_uri,
         experiment_name=cfg.mlflow_exp_name,
         run_name=cfg.mlflow_run_name,
         live_dir=cfg.live_dir_path,
@@ -213,8 +222,10 @@ def _load_resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
     try:
         state = checkpoint.load(path)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise PipelineError(f"{path}: checkpoint cannot be read ({type(exc).__name__}); "
-                            "delete it or set resume=false") from exc
+        raise PipelineError(
+            f"{path}: checkpoint cannot be read ({type(exc).__name__}); "
+            "delete it or set resume=false"
+        ) from exc
     if state.get("config_hash") != fingerprint:
         raise PipelineError(
             f"{path}: checkpoint was trained for a different model or data; "

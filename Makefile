@@ -1,0 +1,85 @@
+# imgpipe: `make` lists the targets. Two commands set everything up from nothing:
+#   make run    the pipeline (dvc repro) on the sample data
+#   make test   the test suite
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Under `dvc exp run --temp/--queue` the stage runs in a copy of the repository;
+# DVC_ROOT names the real one, whose virtual environment we reuse.
+VENV ?= $(if $(DVC_ROOT),$(DVC_ROOT)/.venv,.venv)
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# The stamp's name carries a checksum of pyproject.toml: same file, no reinstall.
+DEPS_STAMP := $(VENV)/.deps-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+RAW_DIR ?= data/raw
+PARAMS ?= params.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+MLFLOW_PORT ?= 5000
+MLFLOW_HOST ?= 127.0.0.1
+
+# No usage telemetry leaves the machine unless the user asks for it.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+
+.PHONY: help setup data params run process-data train test lint format mlflow-ui clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(DEPS_STAMP) ## Create .venv and install the pinned dependencies (once per pyproject.toml)
+
+$(DEPS_STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "error: python3.11 not found on PATH" >&2; exit 1; }
+	@echo "Installing dependencies into $(VENV) (first run only)..."
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@rm -f $(VENV)/.deps-*
+	@touch $@
+
+data: $(DEPS_STAMP) ## Materialise the sample digits in data/raw (kept if data/raw exists)
+	@if [ -d $(RAW_DIR) ]; then \
+	  echo "$(RAW_DIR) exists: kept as it is"; \
+	else \
+	  $(PY) -m imgpipe.data $(RAW_DIR); \
+	fi
+	@if [ "$(RAW_DIR)" = data/raw ] && ! $(BIN)/dvc status -q data.dvc >/dev/null 2>&1; then \
+	  echo "warning: data/raw differs from data.dvc: \`dvc add data/raw\` (yours) or \`dvc checkout data.dvc\`" >&2; \
+	fi
+
+params: $(DEPS_STAMP) ## Regenerate params.yaml from conf/ (conf/ is the source of truth)
+	@$(PY) -m imgpipe.config $(PARAMS)
+
+run: data params ## Run the pipeline: process_data -> train (dvc repro)
+	$(BIN)/dvc repro
+
+process-data: $(DEPS_STAMP) ## Stage: raw images -> data/processed (values from params.yaml)
+	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -u src/process_data.py $(ARGS)
+
+train: $(DEPS_STAMP) ## Stage: train the CNN, tracked in MLflow + dvclive (values from params.yaml)
+	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -u src/train_model.py $(ARGS)
+
+test: data ## Run the test suite (slow end-to-end tests included)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(DEPS_STAMP) ## ruff check + format check, params.yaml in sync with conf/
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(PY) -m imgpipe.config --check $(PARAMS)
+
+format: $(DEPS_STAMP) ## Format the code with ruff
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+mlflow-ui: $(DEPS_STAMP) ## Serve the local MLflow store on http://127.0.0.1:5000
+	@mkdir -p mlruns
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts \
+	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
+
+clean: ## Remove caches and logs (keeps data, models, mlruns and .venv)
+	rm -rf logs .pytest_cache .ruff_cache outputs multirun
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +

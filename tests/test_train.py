@@ -1,0 +1,94 @@
+"""Training through the pure ``train(cfg)`` function: determinism, outputs, tracking."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from imgpipe import checkpoint
+from imgpipe.config import TrainConfig
+from imgpipe.train import train
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
+    """A short run on the sample digits with every output under tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    return TrainConfig(
+        epochs=3,
+        data_dir_path=str(sample_processed),
+        model_checkpoint_dir_path=str(tmp_path / "models"),
+        live_dir_path=str(tmp_path / "dvclive"),
+        log_dir=str(tmp_path / "logs"),
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+        setup_mlflow=False,
+    )
+
+
+def final_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    return checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "model.pt")["state_dict"]
+
+
+def test_same_seed_gives_identical_models_and_metrics(cfg: TrainConfig, tmp_path: Path) -> None:
+    first = train(cfg)
+    weights = final_weights(cfg)
+    again = replace(cfg, model_checkpoint_dir_path=str(tmp_path / "models2"))
+    assert train(again) == first
+    for name, tensor in final_weights(again).items():
+        assert torch.equal(tensor, weights[name]), name
+    other = replace(cfg, seed=2, model_checkpoint_dir_path=str(tmp_path / "models3"))
+    assert train(other) != first
+
+
+def test_outputs_checkpoint_and_dvclive(cfg: TrainConfig, tmp_path: Path) -> None:
+    loss, accuracy = train(cfg)
+    assert 0.8 < accuracy <= 1.0 and loss > 0
+
+    state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
+    assert state["epoch"] == 3 and state["global_step"] == 3 * -(-1438 // cfg.train_bs)
+    assert {"model", "optimizer", "scheduler", "rng", "history", "config_hash"} <= set(state)
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert state["history"][-1]["metrics"]["test/accuracy"] == accuracy
+
+    summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
+    assert summary["test"]["accuracy"] == pytest.approx(accuracy)
+    assert summary["step"] == 3
+    rows = (
+        (tmp_path / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    )
+    assert rows[0] == "step\tloss" and [r.split("\t")[0] for r in rows[1:]] == ["1", "2", "3"]
+    matrix = json.loads(
+        (tmp_path / "dvclive" / "plots" / "sklearn" / "confusion_matrix.json").read_text()
+    )
+    assert len(matrix) == 359 and {"actual", "predicted"} <= set(matrix[0])
+
+
+def test_mlflow_run_has_params_history_tags_and_model(
+    cfg: TrainConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HPTUNING_TAG", "1732700000")
+    _, accuracy = train(replace(cfg, setup_mlflow=True, mlflow_run_name="unit"))
+
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow_exp_name).experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "unit"
+    assert run.data.params["lr"] == "1.0" and run.data.params["epochs"] == "3"
+    assert run.data.tags["hptuning_tag"] == "1732700000"
+    for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert sorted(m.step for m in history) == [1, 2, 3], name
+    assert client.get_metric_history(run.info.run_id, "test/accuracy")[-1].value == accuracy
+    state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
+    assert state["mlflow_run_id"] == run.info.run_id
+    # The model is a real MLflow model that loads and predicts.
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    # Artifacts live beside the store, not in the current directory.
+    assert (tmp_path / "store" / "artifacts").is_dir() and not (tmp_path / "mlruns").exists()
