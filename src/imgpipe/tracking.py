@@ -136,7 +136,7 @@ class Tracker:
         autolog: bool = False,
         system_metrics: bool = False,
         resume_run_id: str | None = None,
-        live_resume: bool = False,
+        metric_names: Sequence[str] = (),
     ) -> None:
         self.mlflow_enabled = mlflow_enabled
         self.tracking_uri = resolve_tracking_uri(tracking_uri) if mlflow_enabled else None
@@ -147,9 +147,11 @@ class Tracker:
         self.autolog = autolog
         self.system_metrics = system_metrics
         self.resume_run_id = resume_run_id
-        self.live_resume = live_resume
         self.run_id: str | None = None
         self._live: Any = None
+        # On resume: steps MLflow already holds per metric, so no epoch is logged twice.
+        self._logged_steps: dict[str, set[int]] = {}
+        self._metric_names = tuple(metric_names)
 
     def __enter__(self) -> Tracker:
         if self.mlflow_enabled:
@@ -166,6 +168,8 @@ class Tracker:
                 ) from None
             if self.autolog:
                 mlflow.autolog(log_models=False, silent=True)
+            if self.resume_run_id:
+                self._check_resumable(self.resume_run_id)
             run = mlflow.start_run(
                 run_id=self.resume_run_id,
                 run_name=None if self.resume_run_id else self.run_name,
@@ -183,14 +187,41 @@ class Tracker:
         from dvclive import Live
 
         # dvcyaml=None: dvc.yaml declares metrics and plots itself; dvclive must not rewrite it.
+        # Always a fresh directory: on resume the history is replayed from the checkpoint,
+        # which is right even after `dvc repro` deleted the old files or a kill left extra rows.
         self._live = Live(
             dir=str(self.live_dir),
-            resume=self.live_resume,
+            resume=False,
             report=None,
             save_dvc_exp=False,
             dvcyaml=None,
         )
         return self
+
+    def _check_resumable(self, run_id: str) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        try:
+            client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise PipelineError(
+                f"the checkpoint's MLflow run {run_id} is not in {redact_url(self.tracking_uri)}; "
+                "point mlflow_tracking_uri at the store that holds it, or set resume=false"
+            ) from None
+        for name in self._metric_names:
+            history = client.get_metric_history(run_id, name)
+            self._logged_steps[name] = {m.step for m in history}
+
+    def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Write already-completed epochs into dvclive (MLflow holds them already)."""
+        for entry in history:
+            self._live.step = entry["epoch"]
+            for name, value in entry["metrics"].items():
+                self._live.log_metric(name, value)
+        if history:
+            self._live.make_summary()
 
     def __exit__(
         self,
@@ -211,6 +242,12 @@ class Tracker:
                 status = "FAILED"
             mlflow.end_run(status=status)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.mlflow_enabled:
+            import mlflow
+
+            mlflow.set_tags(dict(tags))
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.mlflow_enabled:
             import mlflow
@@ -222,7 +259,13 @@ class Tracker:
         if self.mlflow_enabled:
             import mlflow
 
-            mlflow.log_metrics(dict(metrics), step=step)
+            fresh = {k: v for k, v in metrics.items() if step not in self._logged_steps.get(k, ())}
+            if len(fresh) < len(metrics):
+                log.info(
+                    "epoch %d is already in MLflow run %s: not logged again", step, self.run_id
+                )
+            if fresh:
+                mlflow.log_metrics(fresh, step=step)
         self._live.step = step
         for name, value in metrics.items():
             self._live.log_metric(name, value)

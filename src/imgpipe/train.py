@@ -7,7 +7,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,16 @@ def loggable_params(cfg: TrainConfig) -> dict[str, Any]:
     return params
 
 
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint restores."""
+
+    next_epoch: int = 1
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+
+
 def train(cfg: TrainConfig) -> tuple[float, float]:
     """Train the CNN described by ``cfg``; return the final (test loss, test accuracy)."""
     started = time.perf_counter()
@@ -78,7 +88,6 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
     device = pick_device(cfg.no_cuda, cfg.no_mps)
     data = load_processed(cfg.data_dir_path)
     ckpt_dir = Path(cfg.model_checkpoint_dir_path)
-    ckpt_path = ckpt_dir / checkpoint.CHECKPOINT_FILE
     fingerprint = shape_hash(data)
 
     generator = seed_everything(cfg.seed)
@@ -86,20 +95,9 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
     model = ConvNet(channels, height, width, len(data.classes)).to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.gamma)
-
-    start_epoch, global_step, history, run_id = 1, 0, [], None
+    progress = Progress()
     if cfg.resume:
-        state = _load_resume_state(ckpt_path, fingerprint)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            checkpoint.restore_rng(state["rng"], generator)
-            start_epoch = state["epoch"] + 1
-            global_step = state["global_step"]
-            history = list(state["history"])
-            run_id = state["mlflow_run_id"]
-            log.info("resuming after epoch %d from %s", state["epoch"], ckpt_path)
+        progress = restore(ckpt_dir, fingerprint, cfg, model, optimizer, scheduler, generator)
 
     train_split = TensorSplit(data.train.images, data.train.labels, data.mean, data.std, device)
     test_split = TensorSplit(data.test.images, data.test.labels, data.mean, data.std, device)
@@ -112,10 +110,10 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
         channels,
         height,
         width,
-        start_epoch,
+        progress.next_epoch,
         cfg.epochs,
     )
-
+    resumed = progress.run_id is not None or progress.next_epoch > 1
     with Tracker(
         mlflow_enabled=cfg.setup_mlflow,
         tracking_uri=tracking_uri,
@@ -125,22 +123,51 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
         tags=run_tags(),
         autolog=cfg.mlflow_autolog,
         system_metrics=cfg.mlflow_system_metrics,
-        resume_run_id=run_id if cfg.setup_mlflow else None,
-        live_resume=start_epoch > 1,
+        resume_run_id=progress.run_id if cfg.setup_mlflow else None,
+        metric_names=METRIC_NAMES,
     ) as tracker:
-        if start_epoch == 1:
+        if tracker.resume_run_id is None:
             tracker.log_params(loggable_params(cfg) | {"device": str(device), "model": MODEL_NAME})
             tracker.log_dict(_describe(data), "metadata.json")
-        metrics: dict[str, float] = dict(history[-1]["metrics"]) if history else {}
+        if resumed:
+            tracker.replay(progress.history)
+            tracker.set_tags(
+                {"resumed_at_epoch": str(progress.next_epoch), "epochs_total": str(cfg.epochs)}
+            )
+        metrics: dict[str, float] = (
+            dict(progress.history[-1]["metrics"]) if progress.history else {}
+        )
+
+        def save(epoch: int) -> None:
+            state = {
+                "format": checkpoint.FORMAT,
+                "epoch": epoch,
+                "global_step": progress.global_step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": checkpoint.capture_rng(generator),
+                "mlflow_run_id": tracker.run_id,
+                "history": progress.history,
+                "config_hash": fingerprint,
+                "config": loggable_params(cfg),
+            }
+            # A fresh run drops the old run's checkpoints only here, with its own first one.
+            checkpoint.save_checkpoint(state, ckpt_dir, keep_previous=resumed or epoch > 0)
+
+        if not resumed:
+            # Epoch 0: the initial state and the run id, so a kill during the first
+            # epoch resumes into the same MLflow run instead of leaving an orphan.
+            save(0)
         predicted = None
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for epoch in range(progress.next_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             fit = train_one_epoch(
                 model, optimizer, train_split, cfg.train_bs, generator, epoch, cfg.log_interval
             )
             scheduler.step()
             score, predicted = evaluate(model, test_split, cfg.test_bs)
-            global_step += -(-len(train_split) // cfg.train_bs)
+            progress.global_step += -(-len(train_split) // cfg.train_bs)
             metrics = {
                 "train/loss": fit.loss,
                 "train/accuracy": fit.accuracy,
@@ -148,7 +175,7 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
                 "test/accuracy": score.accuracy,
             }
             tracker.log_epoch(epoch, metrics)
-            history.append({"epoch": epoch, "metrics": metrics})
+            progress.history.append({"epoch": epoch, "metrics": metrics})
             log.info(
                 "epoch %d/%d  train loss %.4f acc %.4f  test loss %.4f acc %.4f  (%.2fs)",
                 epoch,
@@ -160,22 +187,7 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
                 time.perf_counter() - t0,
             )
             if epoch % cfg.model_checkpoint_interval == 0 or epoch == cfg.epochs:
-                checkpoint.save_atomic(
-                    {
-                        "format": 1,
-                        "epoch": epoch,
-                        "global_step": global_step,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": checkpoint.capture_rng(generator),
-                        "mlflow_run_id": tracker.run_id,
-                        "history": history,
-                        "config_hash": fingerprint,
-                        "config": loggable_params(cfg),
-                    },
-                    ckpt_path,
-                )
+                save(epoch)
 
         if predicted is None:  # resumed a run that had already reached `epochs`
             _, predicted = evaluate(model, test_split, cfg.test_bs)
@@ -205,6 +217,56 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
     return metrics["test/loss"], metrics["test/accuracy"]
 
 
+# Keys whose change on resume means the continued run differs from a straight one.
+TRAJECTORY_KEYS = ("lr", "gamma", "train_bs", "seed")
+
+
+def restore(
+    ckpt_dir: Path,
+    fingerprint: str,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+) -> Progress:
+    """Load the newest valid checkpoint into the training objects (resume=true)."""
+    checkpoint.remove_stale_temps(ckpt_dir)
+    found = checkpoint.load_latest(ckpt_dir)
+    if found is None:
+        log.warning("resume=true but no checkpoint in %s: starting fresh", ckpt_dir)
+        return Progress()
+    state, path = found
+    if state["config_hash"] != fingerprint:
+        raise PipelineError(
+            f"{path}: checkpoint was trained for a different model or data "
+            "(architecture, image shape, classes or normalisation); set resume=false to start fresh"
+        )
+    changed = [k for k in TRAJECTORY_KEYS if state.get("config", {}).get(k) != getattr(cfg, k)]
+    if changed:
+        log.warning(
+            "resuming with %s changed since the checkpoint; optimizer and scheduler state "
+            "continue from the checkpoint",
+            ", ".join(f"{k}={getattr(cfg, k)} (was {state['config'].get(k)})" for k in changed),
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoint.restore_rng(state["rng"], generator)
+    log.info(
+        "resuming after epoch %d from %s (MLflow run %s)",
+        state["epoch"],
+        path,
+        state["mlflow_run_id"],
+    )
+    return Progress(
+        next_epoch=state["epoch"] + 1,
+        global_step=state["global_step"],
+        history=list(state["history"]),
+        run_id=state["mlflow_run_id"],
+    )
+
+
 def _describe(data: ProcessedData) -> dict[str, Any]:
     return {
         "classes": data.classes,
@@ -213,22 +275,3 @@ def _describe(data: ProcessedData) -> dict[str, Any]:
         "train_count": len(data.train.labels),
         "test_count": len(data.test.labels),
     }
-
-
-def _load_resume_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        log.warning("resume=true but no checkpoint at %s: starting fresh", path)
-        return None
-    try:
-        state = checkpoint.load(path)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise PipelineError(
-            f"{path}: checkpoint cannot be read ({type(exc).__name__}); "
-            "delete it or set resume=false"
-        ) from exc
-    if state.get("config_hash") != fingerprint:
-        raise PipelineError(
-            f"{path}: checkpoint was trained for a different model or data; "
-            "set resume=false to start fresh"
-        )
-    return state

@@ -1,0 +1,290 @@
+"""Resume: killed, extended or damaged runs continue to exactly where a straight run ends."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, dvc, make
+from imgpipe import checkpoint
+from imgpipe.config import TrainConfig
+from imgpipe.data import process_dataset
+from imgpipe.errors import PipelineError
+from imgpipe.train import METRIC_NAMES, train
+
+KILL_MOMENTS = 10
+
+
+def outputs(root: Path) -> dict[str, str]:
+    return {
+        "model_checkpoint_dir_path": str(root / "models"),
+        "live_dir_path": str(root / "dvclive"),
+        "log_dir": str(root / "logs"),
+    }
+
+
+@pytest.fixture
+def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
+    monkeypatch.chdir(tmp_path)
+    return TrainConfig(
+        epochs=3,
+        data_dir_path=str(sample_processed),
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+        **outputs(tmp_path / "run"),
+    )
+
+
+def in_dir(cfg: TrainConfig, root: Path, **changes) -> TrainConfig:
+    return replace(cfg, **outputs(root), **changes)
+
+
+def weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    return checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "model.pt")["state_dict"]
+
+
+def assert_same_weights(a: TrainConfig, b: TrainConfig) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def run_history(cfg: TrainConfig) -> dict[str, list[tuple[int, float]]]:
+    """Per metric, (step, value) pairs of the MLflow run the final checkpoint names."""
+    from mlflow import MlflowClient
+
+    state = checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "checkpoint.pt")
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    assert client.get_run(state["mlflow_run_id"]).info.status == "FINISHED"
+    return {
+        name: sorted(
+            (m.step, m.value) for m in client.get_metric_history(state["mlflow_run_id"], name)
+        )
+        for name in METRIC_NAMES
+    }
+
+
+def live_files(cfg: TrainConfig) -> dict[str, str]:
+    root = Path(cfg.live_dir_path) / "plots" / "metrics"
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*.tsv"))}
+
+
+def assert_same_run(resumed: TrainConfig, straight: TrainConfig) -> None:
+    assert_same_weights(resumed, straight)
+    history = run_history(resumed)
+    assert history == run_history(straight)
+    for name, points in history.items():  # exactly one value per epoch
+        assert [step for step, _ in points] == list(range(1, straight.epochs + 1)), name
+    assert live_files(resumed) == live_files(straight)
+
+
+def test_extending_a_finished_run_equals_a_straight_run(cfg: TrainConfig, tmp_path: Path) -> None:
+    train(cfg)
+    first_run = checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "checkpoint.pt")[
+        "mlflow_run_id"
+    ]
+    extended = replace(cfg, epochs=5, resume=True)
+    train(extended)
+    straight = in_dir(cfg, tmp_path / "straight", epochs=5)
+    train(straight)
+    assert_same_run(extended, straight)
+    state = checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "checkpoint.pt")
+    assert state["mlflow_run_id"] == first_run and state["epoch"] == 5
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(
+    cfg: TrainConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    train(cfg)
+    newest = Path(cfg.model_checkpoint_dir_path) / "checkpoint.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="imgpipe"):
+        train(replace(cfg, epochs=4, resume=True))
+    assert "unreadable" in caplog.text and "previous checkpoint" in caplog.text
+    assert checkpoint.load(newest)["history"][-1]["epoch"] == 4
+    straight = in_dir(cfg, tmp_path / "straight", epochs=4)
+    train(straight)
+    assert_same_run(replace(cfg, epochs=4), straight)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_restart(cfg: TrainConfig) -> None:
+    train(replace(cfg, epochs=2))
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (Path(cfg.model_checkpoint_dir_path) / name).write_bytes(b"garbage")
+    with pytest.raises(PipelineError, match="no readable checkpoint"):
+        train(replace(cfg, resume=True))
+
+
+def test_checkpoint_of_another_model_is_refused(
+    cfg: TrainConfig, small_raw: Path, tmp_path: Path
+) -> None:
+    train(replace(cfg, epochs=1))
+    other = tmp_path / "other-processed"
+    process_dataset(small_raw, other, num_workers=1)
+    with pytest.raises(PipelineError, match="different model or data"):
+        train(replace(cfg, data_dir_path=str(other), resume=True))
+
+
+def test_resume_without_checkpoint_starts_fresh_and_says_so(
+    cfg: TrainConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="imgpipe"):
+        train(replace(cfg, epochs=1, resume=True, setup_mlflow=False))
+    assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
+
+
+def test_resume_false_starts_a_new_run_even_with_a_checkpoint(cfg: TrainConfig) -> None:
+    path = Path(cfg.model_checkpoint_dir_path) / "checkpoint.pt"
+    train(replace(cfg, epochs=1))
+    first = checkpoint.load(path)["mlflow_run_id"]
+    train(replace(cfg, epochs=1))
+    second = checkpoint.load(path)
+    assert second["mlflow_run_id"] != first and second["epoch"] == 1
+    assert not (path.parent / "checkpoint.prev.pt").exists() or (
+        checkpoint.load(path.parent / "checkpoint.prev.pt")["mlflow_run_id"]
+        == second["mlflow_run_id"]
+    )
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+def start_training(
+    cfg: TrainConfig, experiment: str
+) -> tuple[subprocess.Popen, threading.Event, list[str]]:
+    args = [
+        f"epochs={cfg.epochs}",
+        f"train_bs={cfg.train_bs}",
+        f"data_dir_path={cfg.data_dir_path}",
+        f"mlflow_tracking_uri={cfg.mlflow_tracking_uri}",
+        f"mlflow_exp_name={experiment}",
+        f"model_checkpoint_dir_path={cfg.model_checkpoint_dir_path}",
+        f"live_dir_path={cfg.live_dir_path}",
+        f"log_dir={cfg.log_dir}",
+        f"resume={cfg.resume}",
+    ]
+    workdir = Path(cfg.log_dir).parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workdir,
+    )
+    training = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "training on" in line:
+                training.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, training, lines
+
+
+def run_to_end(cfg: TrainConfig, experiment: str) -> float:
+    """Run training; return seconds from the 'training on' line to exit."""
+    proc, training, lines = start_training(cfg, experiment)
+    assert training.wait(120), "".join(lines)
+    t0 = time.monotonic()
+    assert proc.wait(300) == 0, "".join(lines)
+    return time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.server)])
+def test_sigkill_at_any_moment_then_resume_ends_like_a_straight_run(
+    store: str, request: pytest.FixtureRequest, sample_processed: Path, tmp_path: Path
+) -> None:
+    uri = (
+        request.getfixturevalue("mlflow_server")
+        if store == "server"
+        else f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    )
+    base = TrainConfig(
+        epochs=4, train_bs=16, data_dir_path=str(sample_processed), mlflow_tracking_uri=uri
+    )
+    experiment = f"kill-{store}-{tmp_path.name}"
+    straight = in_dir(base, tmp_path / "straight")
+    window = run_to_end(straight, experiment)
+
+    seed = int(os.environ.get("IMGPIPE_KILL_SEED", random.randrange(2**31)))
+    print(f"kill moments drawn with IMGPIPE_KILL_SEED={seed}")
+    moments = sorted(random.Random(seed).uniform(0, window) for _ in range(KILL_MOMENTS))
+    for i, moment in enumerate(moments):
+        killed = in_dir(base, tmp_path / f"kill-{i}")
+        proc, training, lines = start_training(killed, experiment)
+        assert training.wait(120), "".join(lines)
+        time.sleep(moment)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+        run_to_end(replace(killed, resume=True), experiment)
+        try:
+            assert_same_run(killed, straight)
+        except AssertionError:
+            print(f"kill #{i} at {moment:.2f}s after training started (seed {seed}) broke the run")
+            raise
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
+    from mlflow import MlflowClient
+
+    assert make("data", project).returncode == 0
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params.update(resume=True, epochs=6, train_bs=16)
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {**os.environ, "VENV": str(Path(sys.prefix))}
+    proc = subprocess.Popen(
+        [str(Path(sys.prefix) / "bin" / "dvc"), "repro"],
+        cwd=project,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch 3/6" in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(60)
+    assert any("epoch 3/6" in line for line in seen), "".join(seen)
+
+    again = dvc(project, "repro")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"resuming after epoch [23] ", again.stdout + again.stderr), again.stderr
+
+    client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
+    (run,) = [r for r in runs if client.get_metric_history(r.info.run_id, "test/loss")]
+    for name in METRIC_NAMES:
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == list(
+            range(1, 7)
+        )
+    rows = (
+        (project / "dvclive" / "plots" / "metrics" / "test" / "loss.tsv").read_text().splitlines()
+    )
+    assert [r.split("\t")[0] for r in rows[1:]] == [str(e) for e in range(1, 7)]
+    assert "up to date" in dvc(project, "status").stdout
