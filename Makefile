@@ -14,6 +14,9 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 # The stamp's name carries a checksum of pyproject.toml: same file, no reinstall.
 DEPS_STAMP := $(VENV)/.deps-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# Targets depend on SETUP; `make SETUP= ...` uses $(VENV) as it is (the tests do,
+# so a project copy never reinstalls into the environment that runs them).
+SETUP ?= $(DEPS_STAMP)
 RAW_DIR ?= data/raw
 PARAMS ?= params.yaml
 ARGS ?=
@@ -40,7 +43,7 @@ $(DEPS_STAMP): pyproject.toml
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 
-data: $(DEPS_STAMP) ## Materialise the sample digits in data/raw (kept if data/raw exists)
+data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw exists)
 	@if [ -d $(RAW_DIR) ]; then \
 	  echo "$(RAW_DIR) exists: kept as it is"; \
 	else \
@@ -50,31 +53,31 @@ data: $(DEPS_STAMP) ## Materialise the sample digits in data/raw (kept if data/r
 	  echo "warning: data/raw differs from data.dvc: \`dvc add data/raw\` (yours) or \`dvc checkout data.dvc\`" >&2; \
 	fi
 
-params: $(DEPS_STAMP) ## Regenerate params.yaml from conf/ (conf/ is the source of truth)
+params: $(SETUP) ## Regenerate params.yaml from conf/ (conf/ is the source of truth)
 	@$(PY) -m imgpipe.config $(PARAMS)
 
 run: data params ## Run the pipeline: process_data -> train (dvc repro)
 	$(BIN)/dvc repro
 
-process-data: $(DEPS_STAMP) ## Stage: raw images -> data/processed (values from params.yaml)
+process-data: $(SETUP) ## Stage: raw images -> data/processed (values from params.yaml)
 	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -u src/process_data.py $(ARGS)
 
-train: $(DEPS_STAMP) ## Stage: train the CNN, tracked in MLflow + dvclive (values from params.yaml)
+train: $(SETUP) ## Stage: train the CNN, tracked in MLflow + dvclive (values from params.yaml)
 	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -u src/train_model.py $(ARGS)
 
 test: data ## Run the test suite (slow end-to-end tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(DEPS_STAMP) ## ruff check + format check, params.yaml in sync with conf/
+lint: $(SETUP) ## ruff check + format check, params.yaml in sync with conf/
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(PY) -m imgpipe.config --check $(PARAMS)
 
-format: $(DEPS_STAMP) ## Format the code with ruff
+format: $(SETUP) ## Format the code with ruff
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
 
-mlflow-ui: $(DEPS_STAMP) ## Serve the local MLflow store on http://127.0.0.1:5000
+mlflow-ui: $(SETUP) ## Serve the local MLflow store on http://127.0.0.1:5000
 	@mkdir -p mlruns
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts \

@@ -253,7 +253,7 @@ def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
     params.update(resume=True, epochs=6, train_bs=16)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
-    env = {**os.environ, "VENV": str(Path(sys.prefix))}
+    env = {**os.environ, "VENV": str(Path(sys.prefix)), "SETUP": ""}
     proc = subprocess.Popen(
         [str(Path(sys.prefix) / "bin" / "dvc"), "repro"],
         cwd=project,

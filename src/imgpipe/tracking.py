@@ -136,6 +136,7 @@ class Tracker:
         autolog: bool = False,
         system_metrics: bool = False,
         resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
         metric_names: Sequence[str] = (),
     ) -> None:
         self.mlflow_enabled = mlflow_enabled
@@ -147,6 +148,7 @@ class Tracker:
         self.autolog = autolog
         self.system_metrics = system_metrics
         self.resume_run_id = resume_run_id
+        self.parent_run_id = parent_run_id
         self.run_id: str | None = None
         self._live: Any = None
         # On resume: steps MLflow already holds per metric, so no epoch is logged twice.
@@ -172,6 +174,7 @@ class Tracker:
                 self._check_resumable(self.resume_run_id)
             run = mlflow.start_run(
                 run_id=self.resume_run_id,
+                parent_run_id=None if self.resume_run_id else self.parent_run_id,
                 run_name=None if self.resume_run_id else self.run_name,
                 tags=self.tags,
                 log_system_metrics=self.system_metrics,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,8 +81,22 @@ class Progress:
     run_id: str | None = None
 
 
-def train(cfg: TrainConfig) -> tuple[float, float]:
-    """Train the CNN described by ``cfg``; return the final (test loss, test accuracy)."""
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite: no later epoch can recover."""
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    on_run: Callable[[str], None] | None = None,
+) -> tuple[float, float]:
+    """Train the CNN described by ``cfg``; return the final (test loss, test accuracy).
+
+    ``parent_run_id`` nests the MLflow run under a sweep's parent run;
+    ``on_run`` receives the MLflow run id as soon as the run exists.
+    """
     started = time.perf_counter()
     tracking_uri = resolve_tracking_uri(cfg.mlflow_tracking_uri) if cfg.setup_mlflow else None
     if tracking_uri:
@@ -120,12 +136,15 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
         experiment_name=cfg.mlflow_exp_name,
         run_name=cfg.mlflow_run_name,
         live_dir=cfg.live_dir_path,
-        tags=run_tags(),
+        tags=run_tags() | (extra_tags or {}),
+        parent_run_id=parent_run_id,
         autolog=cfg.mlflow_autolog,
         system_metrics=cfg.mlflow_system_metrics,
         resume_run_id=progress.run_id if cfg.setup_mlflow else None,
         metric_names=METRIC_NAMES,
     ) as tracker:
+        if on_run is not None and tracker.run_id:
+            on_run(tracker.run_id)
         if tracker.resume_run_id is None:
             tracker.log_params(loggable_params(cfg) | {"device": str(device), "model": MODEL_NAME})
             tracker.log_dict(_describe(data), "metadata.json")
@@ -165,6 +184,11 @@ def train(cfg: TrainConfig) -> tuple[float, float]:
             fit = train_one_epoch(
                 model, optimizer, train_split, cfg.train_bs, generator, epoch, cfg.log_interval
             )
+            if not math.isfinite(fit.loss):
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch}: loss {fit.loss} (lr={cfg.lr}); "
+                    "lower lr or check the data"
+                )
             scheduler.step()
             score, predicted = evaluate(model, test_split, cfg.test_bs)
             progress.global_step += -(-len(train_split) // cfg.train_bs)
