@@ -20,7 +20,9 @@ SETUP ?= $(DEPS_STAMP)
 RAW_DIR ?= data/raw
 PARAMS ?= params.yaml
 ARGS ?=
+WORKERS ?=
 PYTEST_ARGS ?=
+WORKERS ?=
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
@@ -28,7 +30,7 @@ MLFLOW_HOST ?= 127.0.0.1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: help setup data params run process-data train test lint format mlflow-ui clean
+.PHONY: help setup data params run process-data train sweep test lint format mlflow-ui clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,7 +58,7 @@ data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw ex
 params: $(SETUP) ## Regenerate params.yaml from conf/ (conf/ is the source of truth)
 	@$(PY) -m imgpipe.config $(PARAMS)
 
-run: data params ## Run the pipeline: process_data -> train (dvc repro)
+run: data params ## Run the pipeline: process_data -> train -> sweep (dvc repro)
 	$(BIN)/dvc repro
 
 process-data: $(SETUP) ## Stage: raw images -> data/processed (values from params.yaml)
@@ -64,6 +66,10 @@ process-data: $(SETUP) ## Stage: raw images -> data/processed (values from param
 
 train: $(SETUP) ## Stage: train the CNN, tracked in MLflow + dvclive (values from params.yaml)
 	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -u src/train_model.py $(ARGS)
+
+sweep: $(SETUP) ## Stage: Optuna sweep (conf/train_model.yaml hydra.sweeper); WORKERS=N trials at once
+	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -u src/train_model.py --multirun \
+	  $(if $(WORKERS),hydra.sweeper.n_jobs=$(WORKERS)) $(ARGS)
 
 test: data ## Run the test suite (slow end-to-end tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)

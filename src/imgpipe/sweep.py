@@ -29,7 +29,7 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,16 @@ from imgpipe.tracking import HPTUNING_TAG_ENV, redact_url, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 # Heartbeats and retries are "experimental" in Optuna since 2.x; we rely on them on purpose.
-warnings.filterwarnings("ignore", message=r".*(is experimental \(supported from v|is an experimental feature)")
+warnings.filterwarnings(
+    "ignore", message=r".*(is experimental \(supported from v|is an experimental feature)"
+)
 warnings.filterwarnings(
     "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
 )
 
 OBJECTIVE_NAMES = ("test/loss", "test/accuracy")  # what train() returns, in order
 HEARTBEAT_S = 10
+READY_WAIT_S = 60
 GRACE_S = 40
 POLL_S = 1.0
 
@@ -69,7 +72,7 @@ class SweepSettings:
     parent_run_id: str | None = None
     threads_per_worker: int = 1
     shared_storage: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
 
 
 # --------------------------------------------------------------------------- config
@@ -118,11 +121,18 @@ def _distributions(search_space: dict[str, str]) -> dict[str, Any]:
     return result
 
 
-def _is_sweep(text: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+# The keys that change what a trial computes; paths and tracking settings do not,
+# so workers on several machines with their own paths still join one study.
+FINGERPRINT_KEYS = ("lr", "gamma", "train_bs", "test_bs", "epochs", "seed")
 
-    (override,) = OverridesParser.create().parse_overrides([f"x={text}"])
-    return override.is_sweep_override()
+
+def sweep_fingerprint(base: dict[str, Any], space: dict[str, str], directions: list[str]) -> str:
+    key = {
+        "base": {k: base[k] for k in FINGERPRINT_KEYS if k not in space},
+        "space": dict(sorted(space.items())),
+        "directions": directions,
+    }
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:8]
 
 
 def load_settings(
@@ -139,9 +149,9 @@ def load_settings(
     try:
         parsed = OverridesParser.create().parse_overrides(cli_args)
     except HydraException as exc:
-        raise PipelineError(f"bad override: {str(exc).splitlines()[0]}") from None
+        raise PipelineError(f"malformed override: {str(exc).splitlines()[0]}") from None
     cli_space = {
-        o.get_key_element(): o.get_value_element_as_str() for o in parsed if o.is_sweep_override()
+        o.get_key_element(): o.input_line.split("=", 1)[1] for o in parsed if o.is_sweep_override()
     }
     cli_fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     try:
@@ -180,12 +190,17 @@ def load_settings(
     if n_trials < 1 or n_jobs < 1:
         raise PipelineError(f"{source}: hydra.sweeper.n_trials and n_jobs must be >= 1")
     # Next to the results: the study database and one folder per trial (a persisted DVC output).
-    study_dir = Path(results_dir).resolve().parent / "study"
+    study_name = str(sweeper.get("study_name") or "sweep")
+    fingerprint = sweep_fingerprint(base, space, directions)
+    # One folder per (study, config): the database when no storage is given, and one
+    # folder per trial. A changed config or search space starts a new study; the
+    # same one (say, after a kill, or with more n_trials) continues it.
+    study_dir = Path(results_dir).resolve().parent / "study" / f"{study_name}-{fingerprint}"
     storage = sweeper.get("storage") or f"sqlite:///{study_dir / 'optuna.db'}"
     from imgpipe.data import available_cpus
 
     return SweepSettings(
-        study_name=str(sweeper.get("study_name") or "sweep"),
+        study_name=study_name,
         storage=str(storage),
         directions=directions,
         n_trials=n_trials,
@@ -197,6 +212,7 @@ def load_settings(
         study_dir=str(study_dir),
         threads_per_worker=max(1, available_cpus() // n_jobs),
         shared_storage=not str(storage).startswith(("sqlite", "journal:")),
+        fingerprint=fingerprint,
     )
 
 
@@ -252,24 +268,31 @@ def _redact_text(text: str, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
-def create_or_load_study(settings: SweepSettings, storage: Any):
-    """Create the study once (racing workers all end up with the same one)."""
+def create_or_load_study(settings: SweepSettings, storage: Any) -> tuple[Any, bool]:
+    """Create the study, or load it when it exists; True when this process created it.
+
+    ``create_study`` is atomic in the storage, so among workers racing on a new
+    study exactly one learns it is the creator.
+    """
     import optuna
 
     for attempt in range(5):
         try:
             study = optuna.create_study(
-                study_name=settings.study_name,
-                storage=storage,
-                directions=settings.directions,
-                load_if_exists=True,
+                study_name=settings.study_name, storage=storage, directions=settings.directions
             )
+            created = True
             break
-        except Exception as exc:  # a concurrent creator won: load it next time round
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=settings.study_name, storage=storage)
+            created = False
+            break
+        except Exception as exc:  # tables being created by a concurrent worker, a locked file
             if attempt == 4:
+                reason = _redact_text(str(exc).splitlines()[0], settings.storage)
                 raise PipelineError(
                     f"cannot create or load study {settings.study_name!r} in "
-                    f"{redact_url(settings.storage)}: {_redact_text(str(exc).splitlines()[0], settings.storage)}"
+                    f"{redact_url(settings.storage)}: {reason}"
                 ) from None
             time.sleep(0.3 * (attempt + 1))
     existing = [d.name.lower() for d in study.directions]
@@ -279,9 +302,34 @@ def create_or_load_study(settings: SweepSettings, storage: Any):
             f"{existing}, but hydra.sweeper.direction says {settings.directions}; "
             "use another study_name or storage"
         )
-    if not study.metric_names:
-        study.set_metric_names(list(OBJECTIVE_NAMES[: len(settings.directions)]))
-    return study
+    return study, created
+
+
+def prepare_study(settings: SweepSettings, study: Any, created: bool) -> None:
+    """The creator records the sweep's identity (config fingerprint, hptuning tag, MLflow
+    parent run) in the study; everyone else waits for it and joins."""
+    if not created:
+        deadline = time.monotonic() + READY_WAIT_S
+        while not study.user_attrs.get("ready") and time.monotonic() < deadline:
+            time.sleep(0.5)
+    attrs = study.user_attrs
+    if attrs.get("ready"):
+        if attrs.get("config_fingerprint") != settings.fingerprint:
+            raise PipelineError(
+                f"study {settings.study_name!r} in {redact_url(settings.storage)} was run with "
+                "another training config or search space; use another study_name (or the same config)"
+            )
+        settings.hptuning_tag = os.environ.get(HPTUNING_TAG_ENV) or attrs.get("hptuning_tag", "")
+        settings.parent_run_id = _parent_run(settings, attrs.get("mlflow_parent_run_id"))
+        return
+    # Ours, or a study made by hand (or by a creator that died before finishing): adopt it.
+    study.set_metric_names(list(OBJECTIVE_NAMES[: len(settings.directions)]))
+    study.set_user_attr("config_fingerprint", settings.fingerprint)
+    settings.hptuning_tag = os.environ.get(HPTUNING_TAG_ENV) or str(int(time.time()))
+    study.set_user_attr("hptuning_tag", settings.hptuning_tag)
+    settings.parent_run_id = _parent_run(settings, None)
+    study.set_user_attr("mlflow_parent_run_id", settings.parent_run_id)
+    study.set_user_attr("ready", True)
 
 
 # --------------------------------------------------------------------------- workers
@@ -640,20 +688,18 @@ def write_results(study, settings: SweepSettings) -> dict[str, Any]:
 # --------------------------------------------------------------------------- driver
 
 
-def _parent_run(settings: SweepSettings, study) -> str | None:
-    """One MLflow parent run per study, shared by every machine that joins it."""
+def _parent_run(settings: SweepSettings, existing: str | None) -> str | None:
+    """The sweep's MLflow parent run: ``existing`` when this store has it, else a new one."""
     if not settings.base["setup_mlflow"]:
         return None
     import mlflow
     from mlflow import MlflowClient
 
-    from imgpipe.tracking import _ensure_experiment, check_tracking_uri, run_tags
+    from imgpipe.tracking import check_tracking_uri, ensure_experiment, run_tags
 
     uri = resolve_tracking_uri(settings.base["mlflow_tracking_uri"])
     check_tracking_uri(uri)
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    existing = study.user_attrs.get("mlflow_parent_run_id")
     if existing:
         try:
             client.get_run(existing)
@@ -665,16 +711,10 @@ def _parent_run(settings: SweepSettings, study) -> str | None:
                 settings.study_name,
                 redact_url(uri),
             )
-    _ensure_experiment(uri, settings.base["mlflow_exp_name"])
-    experiment = client.get_experiment_by_name(settings.base["mlflow_exp_name"])
-    tags = run_tags() | {
-        "hptuning_tag": settings.hptuning_tag,
-        "optuna_study": settings.study_name,
-        "mlflow.runName": f"sweep-{settings.study_name}",
-    }
-    run = client.create_run(
-        experiment.experiment_id, tags=tags, run_name=f"sweep-{settings.study_name}"
-    )
+    experiment_id = ensure_experiment(uri, settings.base["mlflow_exp_name"])
+    name = f"sweep-{settings.study_name}"
+    tags = run_tags() | {"hptuning_tag": settings.hptuning_tag, "optuna_study": settings.study_name}
+    run = client.create_run(experiment_id, tags=tags, run_name=name)
     client.log_batch(
         run.info.run_id,
         params=[
@@ -684,12 +724,7 @@ def _parent_run(settings: SweepSettings, study) -> str | None:
             *(mlflow.entities.Param(f"space.{k}", v) for k, v in settings.search_space.items()),
         ],
     )
-    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
-    # Two machines may race here: keep whichever id the study holds, drop ours if it lost.
-    winner = study.user_attrs.get("mlflow_parent_run_id")
-    if winner != run.info.run_id:
-        client.delete_run(run.info.run_id)
-    return winner
+    return run.info.run_id
 
 
 def _finish_parent(settings: SweepSettings, best: dict[str, Any] | None, status: str) -> None:
@@ -723,16 +758,8 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(settings.storage)
-    study = create_or_load_study(settings, storage)
-    tag = (
-        os.environ.get(HPTUNING_TAG_ENV)
-        or study.user_attrs.get("hptuning_tag")
-        or str(int(time.time()))
-    )
-    if "hptuning_tag" not in study.user_attrs:
-        study.set_user_attr("hptuning_tag", tag)
-    settings.hptuning_tag = tag
-    settings.parent_run_id = _parent_run(settings, study)
+    study, created = create_or_load_study(settings, storage)
+    prepare_study(settings, study, created)
     before = census(study)
     log.info(
         "sweep %r in %s: %d/%d trials finished, %d worker(s) x %d thread(s), hptuning_tag=%s",
@@ -742,7 +769,7 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
         settings.n_trials,
         settings.n_jobs,
         settings.threads_per_worker,
-        tag,
+        settings.hptuning_tag,
     )
     status = "FAILED"
     best = None

@@ -161,8 +161,9 @@ class Tracker:
 
             mlflow.set_tracking_uri(self.tracking_uri)
             try:
-                _ensure_experiment(self.tracking_uri, self.experiment_name)
-                mlflow.set_experiment(self.experiment_name)
+                mlflow.set_experiment(
+                    experiment_id=ensure_experiment(self.tracking_uri, self.experiment_name)
+                )
             except mlflow.exceptions.MlflowException as exc:
                 raise PipelineError(
                     f"MLflow store {redact_url(self.tracking_uri)}: cannot use experiment "
@@ -304,24 +305,29 @@ class Tracker:
         )
 
 
-def _ensure_experiment(tracking_uri: str, name: str) -> None:
-    """Create the experiment with its artifacts beside a local SQLite store.
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it once even when several processes race.
 
-    MLflow's default artifact root is ./mlruns under the *current* directory,
-    which for `dvc exp run --temp` is a copy that is thrown away.
+    A local SQLite store gets its artifacts beside the database: MLflow's default
+    is ./mlruns under the *current* directory, which `dvc exp run --temp` throws away.
     """
     import mlflow
+    from mlflow import MlflowClient
 
-    if not tracking_uri.startswith("sqlite:///") or mlflow.get_experiment_by_name(name):
-        return
-    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        location = (db.parent / "artifacts").resolve().as_uri()
     try:
-        mlflow.create_experiment(
-            name, artifact_location=(db.parent / "artifacts").resolve().as_uri()
-        )
+        return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race
             raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def _param_value(key: str, value: Any) -> Any:
