@@ -13,12 +13,15 @@ from conftest import dvc, make
 pytestmark = pytest.mark.slow
 
 
-def mlflow_runs(project: Path) -> list:
+def mlflow_runs(project: Path, kind: str = "train") -> list:
+    """Training runs (kind="train"), or the sweep's parent and trial runs (kind="sweep")."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("image-classification")
-    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    in_sweep = [r for r in runs if "optuna_study" in r.data.tags]
+    return in_sweep if kind == "sweep" else [r for r in runs if r not in in_sweep]
 
 
 def test_make_run_then_repro_then_experiment(project: Path) -> None:
@@ -40,6 +43,17 @@ def test_make_run_then_repro_then_experiment(project: Path) -> None:
         project / "models" / "model.pt"
     ).is_file()
     assert (project / "data" / "processed" / "metadata.json").is_file()
+    # The sweep stage ran the seed's 3 trials and wrote every declared output.
+    results = project / "sweep" / "results"
+    assert sorted(p.name for p in results.iterdir()) == [
+        "best_params.yaml",
+        "optimization_results.yaml",
+        "pareto_front.png",
+        "trials.csv",
+    ]
+    assert len((results / "trials.csv").read_text().splitlines()) == 4
+    sweep_runs = mlflow_runs(project, "sweep")
+    assert len(sweep_runs) == 4 and len({r.data.tags["hptuning_tag"] for r in sweep_runs}) == 1
 
     (run,) = mlflow_runs(project)
     from mlflow import MlflowClient
@@ -55,7 +69,7 @@ def test_make_run_then_repro_then_experiment(project: Path) -> None:
     # Nothing changed: a second repro runs no stage and writes no run.
     again = dvc(project, "repro")
     assert again.returncode == 0 and "up to date" in again.stdout, again.stdout
-    assert len(mlflow_runs(project)) == 1
+    assert len(mlflow_runs(project)) == 1 and len(mlflow_runs(project, "sweep")) == 4
     # dvclive never rewrote dvc.yaml; Hydra left no folders; metrics and plots render.
     assert (project / "dvc.yaml").read_text() == dvc_yaml
     assert not (project / "outputs").exists() and not (project / "multirun").exists()
@@ -81,5 +95,6 @@ def test_make_run_then_repro_then_experiment(project: Path) -> None:
     ]
     assert exp_params == [1.4]
     # The store is one SQLite file under mlruns/, no file store.
+    assert len(mlflow_runs(project, "sweep")) == 4  # lr is searched: the sweep did not rerun
     with sqlite3.connect(project / "mlruns" / "mlflow.db") as db:
-        assert db.execute("select count(*) from runs").fetchone()[0] == 2
+        assert db.execute("select count(*) from runs").fetchone()[0] == 6
