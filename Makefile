@@ -21,8 +21,10 @@ RAW_DIR ?= data/raw
 PARAMS ?= params.yaml
 ARGS ?=
 WORKERS ?=
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 WORKERS ?=
+BENCH_ARGS ?=
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
@@ -30,7 +32,7 @@ MLFLOW_HOST ?= 127.0.0.1
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: help setup data params run process-data train sweep test lint format mlflow-ui clean
+.PHONY: help setup data params run process-data train sweep test bench lint format mlflow-ui clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,9 +52,13 @@ data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw ex
 	  echo "$(RAW_DIR) exists: kept as it is"; \
 	else \
 	  $(PY) -m imgpipe.data $(RAW_DIR); \
-	fi
-	@if [ "$(RAW_DIR)" = data/raw ] && ! $(BIN)/dvc status -q data.dvc >/dev/null 2>&1; then \
-	  echo "warning: data/raw differs from data.dvc: \`dvc add data/raw\` (yours) or \`dvc checkout data.dvc\`" >&2; \
+	  if [ "$(RAW_DIR)" = data/raw ] && git rev-parse --git-dir >/dev/null 2>&1; then \
+	    $(BIN)/dvc commit -q -f data.dvc; \
+	    if ! git diff --quiet -- data.dvc; then \
+	      git checkout -- data.dvc; \
+	      echo "warning: the sample export differs from data.dvc (your data?): run \`dvc pull\`" >&2; \
+	    fi; \
+	  fi; \
 	fi
 
 params: $(SETUP) ## Regenerate params.yaml from conf/ (conf/ is the source of truth)
@@ -74,14 +80,17 @@ sweep: $(SETUP) ## Stage: Optuna sweep (conf/train_model.yaml hydra.sweeper); WO
 test: data ## Run the test suite (slow end-to-end tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+bench: $(SETUP) ## Benchmark against baselines and hardware limits -> bench/RESULTS.md (BENCH_ARGS=...)
+	$(PY) -u bench/run.py $(BENCH_ARGS)
+
 lint: $(SETUP) ## ruff check + format check, params.yaml in sync with conf/
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(PY) -m imgpipe.config --check $(PARAMS)
 
 format: $(SETUP) ## Format the code with ruff
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 mlflow-ui: $(SETUP) ## Serve the local MLflow store on http://127.0.0.1:5000
 	@mkdir -p mlruns

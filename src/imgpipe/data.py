@@ -169,7 +169,6 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
     if not rows:
         raise PipelineError(f"{csv_path}: no rows; every split needs at least one image")
 
-    root = raw_dir.resolve()
     files: list[Path] = []
     labels: list[str] = []
     seen: set[str] = set()
@@ -183,9 +182,9 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
             raise PipelineError(f"{where}: duplicate filepath {rel!r}")
         seen.add(rel)
         path = raw_dir / rel
-        if not path.resolve().is_relative_to(root):
-            raise PipelineError(f"{where}: filepath {rel!r} points outside {raw_dir}")
         parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts:
+            raise PipelineError(f"{where}: filepath {rel!r} points outside {raw_dir}")
         if len(parts) != 3 or parts[0] != split:
             raise PipelineError(
                 f"{where}: filepath {rel!r} is not of the form {split}/<label>/<file>"
@@ -268,6 +267,29 @@ def _open_image(path: Path):
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
 
 
+def _decode_pixels(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
+    """One image as a uint8 array, checked against the dataset's size and mode."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "RGB") or im.size != size:
+                im = _open_image(path)  # the slow path: conversions and precise errors
+            if im.size != size:
+                raise PipelineError(
+                    f"{path}: image size {im.size[0]}x{im.size[1]} differs from the dataset's "
+                    f"{size[0]}x{size[1]}"
+                )
+            if im.mode != mode:
+                raise PipelineError(
+                    f"{path}: image mode {im.mode} differs from the dataset's {mode}"
+                )
+            return np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
+
+
 def _decode_chunk(
     out_path: str, start: int, files: list[str], size: tuple[int, int], mode: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -278,24 +300,14 @@ def _decode_chunk(
     """
     out = np.load(out_path, mmap_mode="r+")
     channels = out.shape[3]
-    total = np.zeros(channels, dtype=np.float64)
-    total_sq = np.zeros(channels, dtype=np.float64)
-    for offset, name in enumerate(files):
-        path = Path(name)
-        im = _open_image(path)
-        if im.size != size:
-            raise PipelineError(
-                f"{path}: image size {im.size[0]}x{im.size[1]} differs from the dataset's "
-                f"{size[0]}x{size[1]}"
-            )
-        if im.mode != mode:
-            raise PipelineError(f"{path}: image mode {im.mode} differs from the dataset's {mode}")
-        pixels = np.asarray(im, dtype=np.uint8).reshape(size[1], size[0], channels)
-        out[start + offset] = pixels
-        flat = pixels.reshape(-1, channels).astype(np.float64)
-        total += flat.sum(axis=0)
-        total_sq += (flat * flat).sum(axis=0)
+    block = np.empty((len(files), size[1], size[0], channels), dtype=np.uint8)
+    for i, name in enumerate(files):
+        block[i] = _decode_pixels(Path(name), size, mode).reshape(size[1], size[0], channels)
+    out[start : start + len(files)] = block
     out.flush()
+    flat = block.reshape(-1, channels)
+    total = flat.sum(axis=0, dtype=np.float64)
+    total_sq = np.square(flat, dtype=np.uint32).sum(axis=0, dtype=np.float64)
     return total, total_sq
 
 

@@ -482,8 +482,10 @@ def run_worker(settings: SweepSettings, index: int) -> int:
             params = {name: trial._suggest(name, dist) for name, dist in distributions.items()}
             cfg = _trial_config(settings, study._storage.get_trial(trial._trial_id), params)
             log.info("trial %d (worker %d): %s", trial.number, index, params)
+            timings: dict[str, float] = {}
             values = train(
                 cfg,
+                timings=timings,
                 parent_run_id=settings.parent_run_id,
                 extra_tags={"trial_number": str(trial.number), "optuna_study": settings.study_name},
                 on_run=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id),
@@ -496,6 +498,7 @@ def run_worker(settings: SweepSettings, index: int) -> int:
             log.warning("trial %d failed: %s", trial.number, exc)
             raise
         trial.set_user_attr("duration_s", round(time.perf_counter() - started, 3))
+        trial.set_user_attr("train_s", round(timings.get("epochs_s", 0.0), 3))
         if not all(math.isfinite(v) for v in values):
             trial.set_user_attr("failure", f"non-finite objective {values}")  # Optuna fails it
         return tuple(values)[: len(settings.directions)]

@@ -1,0 +1,126 @@
+"""What the pipeline is measured against: the naive ways and the hardware limits.
+
+- ``naive_process``: the upstream's processing, one process, per image: PIL open,
+  a torch transform, one saved file per image.
+- ``decode_limit``: a tight loop decoding the same PNG files on all cores, no other work.
+- ``bare_training``: a plain PyTorch loop over the same in-memory tensors and model.
+- ``per_item_training``: the upstream's per-item PNG Dataset + DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def naive_process(files: list[Path], labels: list[int], out_dir: Path) -> float:
+    """Images per second of the per-image baseline."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i, (path, label) in enumerate(zip(files, labels, strict=True)):
+        with Image.open(path) as im:
+            x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).float().div(255)
+        x = (x - 0.1307) / 0.3081
+        torch.save({"image": x.unsqueeze(0), "label": label}, out_dir / f"{i}.pt")
+    return len(files) / (time.perf_counter() - start)
+
+
+def _decode(names: list[str]) -> int:
+    for name in names:
+        with Image.open(name) as im:
+            np.asarray(im)
+    return len(names)
+
+
+def decode_limit(files: list[Path], workers: int) -> float:
+    """Images per second when every core does nothing but decode."""
+    names = [str(p) for p in files]
+    chunk = max(1, len(names) // (workers * 8))
+    parts = [names[i : i + chunk] for i in range(0, len(names), chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_decode, parts[:workers]))  # warm the workers up
+        start = time.perf_counter()
+        done = sum(pool.map(_decode, parts))
+    return done / (time.perf_counter() - start)
+
+
+def bare_training(
+    images: np.ndarray,
+    labels: np.ndarray,
+    model: torch.nn.Module,
+    batch_size: int,
+    epochs: int,
+    lr: float = 1.0,
+) -> float:
+    """Samples per second of a plain loop: float tensors in memory, no tracking, no eval."""
+    x_all = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div_(255)
+    x_all = (x_all - x_all.mean()) / x_all.std()
+    y_all = torch.from_numpy(np.array(labels, dtype=np.int64))
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(y_all), generator=generator)
+        for i in range(0, len(order), batch_size):
+            index = order[i : i + batch_size]
+            optimizer.zero_grad()
+            loss = F.nll_loss(model(x_all[index]), y_all[index])
+            loss.backward()
+            optimizer.step()
+    return len(y_all) * epochs / (time.perf_counter() - start)
+
+
+class PngDataset(torch.utils.data.Dataset):
+    """The upstream way: decode and transform one PNG per item, every epoch."""
+
+    def __init__(self, files: list[Path], labels: list[int]) -> None:
+        self.files, self.labels = files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.files[i]) as im:
+            x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).float().div(255)
+        return ((x - 0.1307) / 0.3081).unsqueeze(0), self.labels[i]
+
+
+def per_item_training(
+    files: list[Path],
+    labels: list[int],
+    model: torch.nn.Module,
+    batch_size: int,
+    epochs: int,
+    workers: int = 0,
+) -> float:
+    loader = torch.utils.data.DataLoader(
+        PngDataset(files, labels),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.nll_loss(model(x), y).backward()
+            optimizer.step()
+    return len(files) * epochs / (time.perf_counter() - start)
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

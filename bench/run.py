@@ -1,0 +1,581 @@
+"""Benchmark the pipeline against naive baselines and the hardware's limits, in one run.
+
+Usage (from the project root; `make bench` runs the default):
+    python bench/run.py                     # 60,000 28x28 images; writes bench/results.json + RESULTS.md
+    python bench/run.py --images 1000000    # the scale run: peak memory of processing at 1M
+    python bench/run.py --smoke             # tiny sizes, every row, seconds (the test suite runs this)
+
+Every number is a ratio measured in the same run on the same machine. Timings are
+reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import baselines  # noqa: E402
+
+from imgpipe.config import TrainConfig  # noqa: E402
+from imgpipe.data import load_processed, process_dataset  # noqa: E402
+
+# --------------------------------------------------------------------------- data
+
+
+def _write_images(args: tuple[str, int, int, int, int]) -> None:
+    """Resample and jitter sample digits into ``size`` x ``size`` PNGs (deterministic)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root, start, stop, size, test_every = args
+    digits = load_digits()
+    base = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        src = i % len(base)
+        im = Image.fromarray(base[src]).resize((size - 4, size - 4), Image.BILINEAR)
+        canvas = np.zeros((size, size), dtype=np.uint8)
+        dy, dx = rng.integers(0, 5, 2)
+        canvas[dy : dy + size - 4, dx : dx + size - 4] = np.asarray(im)
+        noise = rng.integers(0, 24, (size, size), dtype=np.uint8)
+        pixels = np.clip(canvas.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        split = "test" if i % test_every == 0 else "train"
+        label = int(digits.target[src])
+        path = Path(root) / split / str(label) / f"{i:07d}.png"
+        Image.fromarray(pixels).save(path, compress_level=6)
+
+
+def generate(root: Path, count: int, size: int, workers: int) -> None:
+    """The raw layout with ``count`` images, 1 in 6 in test."""
+    for split in ("train", "test"):
+        for label in range(10):
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+    chunk = max(1, count // (workers * 4))
+    jobs = [(str(root), s, min(count, s + chunk), size, 6) for s in range(0, count, chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_write_images, jobs))
+    for split in ("train", "test"):
+        rows = sorted(
+            (str(p.relative_to(root)), p.parent.name) for p in (root / split).rglob("*.png")
+        )
+        with open(root / f"{split}.csv", "w", newline="") as fh:
+            writer = csv.writer(fh, lineterminator="\n")
+            writer.writerow(("filepath", "label"))
+            writer.writerows(rows)
+
+
+def subset(processed: Path, out: Path, n_train: int, n_test: int) -> Path:
+    """A processed dataset with the first ``n_train``/``n_test`` images of each split."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((processed / "metadata.json").read_text())
+    for split, n in (("train", n_train), ("test", n_test)):
+        for kind in ("images", "labels"):
+            np.save(
+                out / f"{split}_{kind}.npy",
+                np.load(processed / f"{split}_{kind}.npy", mmap_mode="r")[:n],
+            )
+        meta["splits"][split]["count"] = min(n, meta["splits"][split]["count"])
+    (out / "metadata.json").write_text(json.dumps(meta))
+    return out
+
+
+def raw_files(raw: Path, split: str, limit: int | None = None) -> tuple[list[Path], list[int]]:
+    rows = (raw / f"{split}.csv").read_text().splitlines()[1:]
+    rows = rows[:limit] if limit else rows
+    return [raw / r.split(",")[0] for r in rows], [int(r.split(",")[1]) for r in rows]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def peak_rss(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """Run ``cmd``; return (seconds, peak resident memory of its whole process tree in MB)."""
+    import psutil
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    peak = 0
+    parent = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            tree = [parent, *parent.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read()[-2000:]}")
+    return time.perf_counter() - start, peak / 2**20
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path):
+    """A real local `mlflow server` with its default workers, as users start it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).parent / "mlflow"
+    log = open(root / "mlflow-server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--default-artifact-root",
+            str(root / "server-artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2):
+            break
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("mlflow server did not start")
+        time.sleep(0.3)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def train_cfg(work: Path, data: Path, name: str, **changes) -> TrainConfig:
+    root = work / "runs" / name
+    values = {
+        "data_dir_path": str(data),
+        "model_checkpoint_dir_path": str(root / "models"),
+        "live_dir_path": str(root / "dvclive"),
+        "log_dir": str(root / "logs"),
+        "mlflow_tracking_uri": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}",
+        "mlflow_exp_name": "bench",
+        "mlflow_run_name": name,
+    }
+    return TrainConfig(**(values | changes))
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def bench_processing(work: Path, raw: Path, n_naive: int, cpus: int) -> dict:
+    files, labels = raw_files(raw, "train")
+    test_files, _ = raw_files(raw, "test")
+    every = files + test_files
+    seconds, _ = timed(process_dataset, raw, work / "processed", 0)
+    pipeline = len(every) / seconds
+    limit = baselines.decode_limit(every, cpus)
+    naive = baselines.naive_process(files[:n_naive], labels[:n_naive], work / "naive")
+    shutil.rmtree(work / "naive")
+    cmd = [
+        sys.executable,
+        str(REPO / "src" / "process_data.py"),
+        f"raw_data_dir_path={raw}",
+        f"processed_data_dir_path={work / 'processed-rss'}",
+        f"log_dir={work / 'logs'}",
+    ]
+    wall, rss = peak_rss(cmd, work)
+    shutil.rmtree(work / "processed-rss")
+    return {
+        "images": len(every),
+        "pipeline_ips": pipeline,
+        "decode_limit_ips": limit,
+        "naive_ips": naive,
+        "naive_images": n_naive,
+        "peak_rss_mb": rss,
+        "cli_seconds": wall,
+    }
+
+
+def bench_training(work: Path, raw: Path, data: Path, epochs: int, batch: int) -> dict:
+    import torch
+
+    from imgpipe.model import ConvNet
+    from imgpipe.train import train
+
+    d = load_processed(data)
+    c, h, w = d.image_shape
+    n = len(d.train.labels)
+    timings: dict[str, float] = {}
+    train(train_cfg(work, data, "real", epochs=epochs, train_bs=batch), timings=timings)
+    real = n * epochs / timings["fit_s"]
+    torch.manual_seed(0)
+    bare = baselines.bare_training(
+        d.train.images, d.train.labels, ConvNet(c, h, w, len(d.classes)), batch, epochs
+    )
+    files, labels = raw_files(raw, "train", n)
+    torch.manual_seed(0)
+    per_item = baselines.per_item_training(
+        files, labels, ConvNet(c, h, w, len(d.classes)), batch, 1
+    )
+    return {
+        "train_images": n,
+        "epochs": epochs,
+        "batch": batch,
+        "real_sps": real,
+        "bare_sps": bare,
+        "per_item_sps": per_item,
+        "real_epoch_s": timings["epochs_s"] / epochs,
+    }
+
+
+def bench_tracking(work: Path, data: Path, epochs: int, batch: int) -> dict:
+    from imgpipe.train import train
+
+    out: dict[str, float] = {}
+    for mode in ("off", "sqlite", "server"):
+        timings: dict[str, float] = {}
+        if mode == "server":
+            with mlflow_server(work) as url:
+                train(
+                    train_cfg(
+                        work,
+                        data,
+                        f"track-{mode}",
+                        epochs=epochs,
+                        train_bs=batch,
+                        mlflow_tracking_uri=url,
+                    ),
+                    timings=timings,
+                )
+        else:
+            train(
+                train_cfg(
+                    work,
+                    data,
+                    f"track-{mode}",
+                    epochs=epochs,
+                    train_bs=batch,
+                    setup_mlflow=mode != "off",
+                ),
+                timings=timings,
+            )
+        out[f"{mode}_total_s"] = timings["total_s"]
+        out[f"{mode}_epochs_s"] = timings["epochs_s"]
+        out[f"{mode}_fit_s"] = timings["fit_s"]
+    return out
+
+
+def bench_sweep(work: Path, data: Path, trials: int, epochs: int) -> dict:
+    import optuna
+
+    from imgpipe.sweep import load_settings, run_sweep
+
+    out: dict[str, float] = {}
+    for workers in (1, 2):
+        root = work / f"sweep-{workers}"
+        settings = load_settings(
+            "train_model",
+            [],
+            [
+                f"data_dir_path={data}",
+                f"epochs={epochs}",
+                f"hydra.sweep.dir={root / 'results'}",
+                f"hydra.sweeper.n_trials={trials}",
+                f"hydra.sweeper.n_jobs={workers}",
+                f"mlflow_tracking_uri=sqlite:///{root / 'mlflow.db'}",
+                f"log_dir={root / 'logs'}",
+            ],
+        )
+        wall, _ = timed(run_sweep, settings)
+        study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+        done = [t for t in study.trials if t.state.name == "COMPLETE"]
+        overheads = [t.user_attrs["duration_s"] - t.user_attrs["train_s"] for t in done]
+        out[f"w{workers}_wall_s"] = wall
+        out[f"w{workers}_trials_per_hour"] = len(done) * 3600 / wall
+        out[f"w{workers}_trial_overhead_s"] = float(np.mean(overheads))
+    return out
+
+
+def bench_startup(work: Path, data: Path) -> dict:
+    """Entry point to first training step, and a no-op `dvc repro` of the whole pipeline."""
+    import re
+
+    venv = Path(sys.executable).parent
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-u",
+            str(REPO / "src" / "train_model.py"),
+            "epochs=1",
+            f"data_dir_path={data}",
+            f"model_checkpoint_dir_path={work / 'startup' / 'models'}",
+            f"live_dir_path={work / 'startup' / 'dvclive'}",
+            f"log_dir={work / 'startup' / 'logs'}",
+            f"mlflow_tracking_uri=sqlite:///{work / 'mlruns' / 'mlflow.db'}",
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    first_step = float(re.search(r"first training step ([\d.]+)s", result.stderr).group(1))
+
+    project = work / "project"
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (project / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, project / rel)
+    conf = project / "conf" / "train_model.yaml"
+    conf.write_text(
+        conf.read_text().replace("epochs: 10", "epochs: 1").replace("n_trials: 3", "n_trials: 1")
+    )
+    env = {**os.environ, "VENV": str(venv.parent), "SETUP": ""}
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=b", "-c", "user.email=b@b.invalid", "commit", "-qm", "b"],
+        ["make", "-s", "data", "params"],
+        [str(venv / "dvc"), "repro", "-q"],
+    ):
+        subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
+    noop = []
+    for _ in range(3):
+        seconds, proc = timed(
+            subprocess.run,
+            [str(venv / "dvc"), "repro"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert "up to date" in proc.stdout, proc.stdout + proc.stderr
+        noop.append(seconds)
+    return {"first_step_s": first_step, "noop_repro_s": min(noop)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def rows(r: dict) -> list[tuple[str, str, str, str]]:
+    p, t, k, s, u = r["processing"], r["training"], r["tracking"], r["sweep"], r["startup"]
+    server_overhead = (k["server_total_s"] - k["off_total_s"]) / k["off_total_s"]
+    sqlite_overhead = (k["sqlite_total_s"] - k["off_total_s"]) / k["off_total_s"]
+    epoch_overhead = (k["server_epochs_s"] - k["server_fit_s"]) - (
+        k["off_epochs_s"] - k["off_fit_s"]
+    )
+
+    def status(ok: bool) -> str:
+        return "met" if ok else "MISSED"
+
+    return [
+        (
+            "process_data vs decode limit",
+            f"{p['pipeline_ips']:,.0f} vs {p['decode_limit_ips']:,.0f} img/s = {p['pipeline_ips'] / p['decode_limit_ips']:.2f}x",
+            ">= 0.75x",
+            status(p["pipeline_ips"] >= 0.75 * p["decode_limit_ips"]),
+        ),
+        (
+            "process_data vs naive per-image",
+            f"{p['pipeline_ips']:,.0f} vs {p['naive_ips']:,.0f} img/s = {p['pipeline_ips'] / p['naive_ips']:.1f}x",
+            ">= 10x",
+            status(p["pipeline_ips"] >= 10 * p["naive_ips"]),
+        ),
+        (
+            f"process_data peak RSS ({p['images']:,} images)",
+            f"{p['peak_rss_mb']:,.0f} MB",
+            "flat",
+            "-",
+        ),
+        (
+            "train epoch time vs bare loop",
+            f"{t['real_sps']:,.0f} vs {t['bare_sps']:,.0f} samples/s = {t['bare_sps'] / t['real_sps']:.3f}x time",
+            "<= 1.05x",
+            status(t["bare_sps"] / t["real_sps"] <= 1.05),
+        ),
+        (
+            "train vs per-item PNG DataLoader",
+            f"{t['real_sps']:,.0f} vs {t['per_item_sps']:,.0f} samples/s = {t['real_sps'] / t['per_item_sps']:.2f}x",
+            ">= 3x on GPU (CPU: report)",
+            "-",
+        ),
+        (
+            "tracking overhead, SQLite store",
+            f"{sqlite_overhead:+.1%} of {k['off_total_s']:.1f}s",
+            "-",
+            "-",
+        ),
+        (
+            "tracking overhead, mlflow server",
+            f"{server_overhead:+.1%} of {k['off_total_s']:.1f}s (per-epoch logging {epoch_overhead / r['training']['epochs']:+.3f}s/epoch)",
+            "<= 2%",
+            status(server_overhead <= 0.02),
+        ),
+        (
+            "sweep per-trial overhead (1 worker)",
+            f"{s['w1_trial_overhead_s']:.2f}s",
+            "<= 0.5s",
+            status(s["w1_trial_overhead_s"] <= 0.5),
+        ),
+        (
+            "sweep trials/hour, 1 vs 2 workers",
+            f"{s['w1_trials_per_hour']:,.0f} vs {s['w2_trials_per_hour']:,.0f} = {s['w2_trials_per_hour'] / s['w1_trials_per_hour']:.2f}x",
+            "> 1x",
+            status(s["w2_trials_per_hour"] > s["w1_trials_per_hour"]),
+        ),
+        ("no-op dvc repro", f"{u['noop_repro_s']:.2f}s", "<= 1s", status(u["noop_repro_s"] <= 1.0)),
+        (
+            "entry point to first training step",
+            f"{u['first_step_s']:.2f}s",
+            "<= 3s",
+            status(u["first_step_s"] <= 3.0),
+        ),
+    ]
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = ""
+    with contextlib.suppress(OSError, ValueError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    return (
+        f"{cpu}, {baselines.cpu_count()} cores{mem}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, {platform.system()} {platform.release()}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=60_000, help="images generated (1 in 6 test)")
+    parser.add_argument("--size", type=int, default=28, help="image side in pixels")
+    parser.add_argument("--train-images", type=int, default=6_000, help="training subset size")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--naive-images", type=int, default=2_000)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: checks every row is produced"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.size, args.train_images, args.naive_images, args.trials = (
+            600,
+            16,
+            300,
+            50,
+            2,
+        )
+        args.epochs = 1
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    cpus = baselines.cpu_count()
+    work = Path(tempfile.mkdtemp(prefix="imgpipe-bench-"))
+    started = time.perf_counter()
+    try:
+        raw = work / "raw"
+        print(
+            f"generating {args.images:,} {args.size}x{args.size} images in {work} ...", flush=True
+        )
+        generate(raw, args.images, args.size, cpus)
+        results: dict = {
+            "date": datetime.date.today().isoformat(),
+            "machine": machine(),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }
+        print("processing ...", flush=True)
+        results["processing"] = bench_processing(work, raw, args.naive_images, cpus)
+        small = subset(
+            work / "processed", work / "small", args.train_images, max(200, args.train_images // 6)
+        )
+        print("training ...", flush=True)
+        results["training"] = bench_training(work, raw, small, args.epochs, args.batch)
+        print("tracking ...", flush=True)
+        results["tracking"] = bench_tracking(work, small, args.epochs, args.batch)
+        print("sweeps ...", flush=True)
+        tiny = subset(work / "processed", work / "tiny", max(300, args.train_images // 4), 200)
+        results["sweep"] = bench_sweep(work, tiny, args.trials, args.epochs)
+        print("start-up ...", flush=True)
+        results["startup"] = bench_startup(work, tiny)
+        results["seconds"] = time.perf_counter() - started
+        table = rows(results)
+        results["rows"] = [
+            dict(zip(("measure", "value", "target", "status"), r, strict=True)) for r in table
+        ]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        width = max(len(r[0]) for r in table)
+        print(f"\n{results['machine']}\n")
+        for name, value, target, state in table:
+            print(f"{name:<{width}}  {value:<70}  {target:<24}  {state}")
+        print(f"\nbench took {results['seconds']:.0f}s; wrote {args.out / 'results.json'}")
+        if not args.smoke:
+            write_markdown(results, table, args.out / "RESULTS.md")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write_markdown(results: dict, table: list, path: Path) -> None:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {results['date']} with `make bench` ({results['seconds']:.0f} s) on: {results['machine']}.",
+        f"Arguments: `{json.dumps(results['args'])}`.",
+        "",
+        "| measure | value | target | status |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table),
+        "",
+    ]
+    notes = path.with_name("NOTES.md")
+    if notes.is_file():
+        lines += [notes.read_text()]
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
