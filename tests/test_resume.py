@@ -255,7 +255,7 @@ def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
 
     env = {**os.environ, "VENV": str(Path(sys.prefix)), "SETUP": ""}
     proc = subprocess.Popen(
-        [str(Path(sys.prefix) / "bin" / "dvc"), "repro"],
+        [str(Path(sys.prefix) / "bin" / "dvc"), "repro", "train"],
         cwd=project,
         env=env,
         text=True,
@@ -272,7 +272,7 @@ def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
     proc.wait(60)
     assert any("epoch 3/6" in line for line in seen), "".join(seen)
 
-    again = dvc(project, "repro")
+    again = dvc(project, "repro", "train")
     assert again.returncode == 0, again.stdout + again.stderr
     assert re.search(r"resuming after epoch [23] ", again.stdout + again.stderr), again.stderr
 
@@ -287,4 +287,4 @@ def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
         (project / "dvclive" / "plots" / "metrics" / "test" / "loss.tsv").read_text().splitlines()
     )
     assert [r.split("\t")[0] for r in rows[1:]] == [str(e) for e in range(1, 7)]
-    assert "up to date" in dvc(project, "status").stdout
+    assert "up to date" in dvc(project, "status", "train").stdout
