@@ -94,6 +94,7 @@ format: $(SETUP) ## Format the code with ruff
 
 mlflow-ui: $(SETUP) ## Serve the local MLflow store on http://127.0.0.1:5000
 	@mkdir -p mlruns
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} \
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts \
 	  --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
