@@ -252,13 +252,23 @@ def bench_training(work: Path, raw: Path, data: Path, epochs: int, batch: int) -
     d = load_processed(data)
     c, h, w = d.image_shape
     n = len(d.train.labels)
-    timings: dict[str, float] = {}
-    train(train_cfg(work, data, "real", epochs=epochs, train_bs=batch), timings=timings)
-    real = n * epochs / timings["fit_s"]
-    torch.manual_seed(0)
-    bare = baselines.bare_training(
-        d.train.images, d.train.labels, ConvNet(c, h, w, len(d.classes)), batch, epochs
-    )
+
+    def bare_once() -> float:
+        torch.manual_seed(0)
+        model = ConvNet(c, h, w, len(d.classes))
+        return baselines.bare_training(d.train.images, d.train.labels, model, batch, epochs)
+
+    def real_once(name: str) -> tuple[float, dict[str, float]]:
+        timings: dict[str, float] = {}
+        train(train_cfg(work, data, name, epochs=epochs, train_bs=batch), timings=timings)
+        return n * epochs / timings["fit_s"], timings
+
+    # Warm both paths up first (allocator, oneDNN kernels), then alternate and keep
+    # the best of two: on a shared 2-core VM single runs vary by 10-15%.
+    bare_once()
+    (real_a, timings), bare_a = real_once("real-a"), bare_once()
+    (real_b, _), bare_b = real_once("real-b"), bare_once()
+    real, bare = max(real_a, real_b), max(bare_a, bare_b)
     files, labels = raw_files(raw, "train", n)
     torch.manual_seed(0)
     per_item = baselines.per_item_training(
@@ -517,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=6_000, help="training subset size")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--naive-images", type=int, default=2_000)
+    parser.add_argument("--naive-images", type=int, default=5_000)
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: checks every row is produced"
