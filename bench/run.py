@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict = {
             "date": datetime.date.today().isoformat(),
             "machine": machine(),
-            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
         }
         print("processing ...", flush=True)
         results["processing"] = bench_processing(work, raw, args.naive_images, cpus)
