@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -120,8 +122,11 @@ def run_tags() -> dict[str, str]:
 class Tracker:
     """MLflow (optional) and dvclive (always) behind one small typed interface.
 
-    Use as a context manager: the MLflow run ends FINISHED, FAILED or KILLED to
-    match how the block ended, and dvclive writes its summary.
+    Use as a context manager. Entering it starts the MLflow side (imports, store,
+    experiment, run, initial params and artifacts) on a background thread, so the
+    first epoch trains meanwhile (torch releases the GIL); the first call that
+    needs the run waits for it. The run ends FINISHED, FAILED or KILLED to match
+    how the block ended, and dvclive writes its summary.
     """
 
     def __init__(
@@ -138,6 +143,8 @@ class Tracker:
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
         metric_names: Sequence[str] = (),
+        params: Mapping[str, Any] | None = None,
+        dicts: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.mlflow_enabled = mlflow_enabled
         self.tracking_uri = resolve_tracking_uri(tracking_uri) if mlflow_enabled else None
@@ -150,82 +157,122 @@ class Tracker:
         self.resume_run_id = resume_run_id
         self.parent_run_id = parent_run_id
         self.run_id: str | None = None
+        self._params = dict(params or {})  # logged once, for a new run
+        self._dicts = dict(dicts or {})
         self._live: Any = None
+        self._client: Any = None
+        self._fluent = False  # autolog / system metrics need MLflow's fluent active run
+        self._starter: threading.Thread | None = None
+        self._start_error: BaseException | None = None
         # On resume: steps MLflow already holds per metric, so no epoch is logged twice.
         self._logged_steps: dict[str, set[int]] = {}
         self._metric_names = tuple(metric_names)
 
     def __enter__(self) -> Tracker:
         if self.mlflow_enabled:
-            import mlflow
-
-            mlflow.set_tracking_uri(self.tracking_uri)
-            try:
-                mlflow.set_experiment(
-                    experiment_id=ensure_experiment(self.tracking_uri, self.experiment_name)
-                )
-            except mlflow.exceptions.MlflowException as exc:
-                raise PipelineError(
-                    f"MLflow store {redact_url(self.tracking_uri)}: cannot use experiment "
-                    f"{self.experiment_name!r} ({exc.message.splitlines()[0]})"
-                ) from None
-            if self.autolog:
-                mlflow.autolog(log_models=False, silent=True)
-            if self.resume_run_id:
-                self._check_resumable(self.resume_run_id)
-            run = mlflow.start_run(
-                run_id=self.resume_run_id,
-                parent_run_id=None if self.resume_run_id else self.parent_run_id,
-                run_name=None if self.resume_run_id else self.run_name,
-                tags=self.tags,
-                log_system_metrics=self.system_metrics,
+            self._starter = threading.Thread(
+                target=self._start_guarded, name="mlflow-start", daemon=True
             )
-            self.run_id = run.info.run_id
-            log.info(
-                "MLflow run %s (%s) in experiment %r at %s",
-                self.run_id,
-                "resumed" if self.resume_run_id else "new",
-                self.experiment_name,
-                redact_url(self.tracking_uri),
-            )
-        from dvclive import Live
-
-        # dvcyaml=None: dvc.yaml declares metrics and plots itself; dvclive must not rewrite it.
-        # Always a fresh directory: on resume the history is replayed from the checkpoint,
-        # which is right even after `dvc repro` deleted the old files or a kill left extra rows.
-        self._live = Live(
-            dir=str(self.live_dir),
-            resume=False,
-            report=None,
-            save_dvc_exp=False,
-            dvcyaml=None,
-        )
+            self._starter.start()
         return self
+
+    def _start_guarded(self) -> None:
+        try:
+            self._start_mlflow()
+        except BaseException as exc:  # re-raised in the training thread by wait()
+            self._start_error = exc
+
+    def _start_mlflow(self) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        self._client = client = MlflowClient(self.tracking_uri)
+        try:
+            experiment_id = ensure_experiment(self.tracking_uri, self.experiment_name)
+        except mlflow.exceptions.MlflowException as exc:
+            raise PipelineError(
+                f"MLflow store {redact_url(self.tracking_uri)}: cannot use experiment "
+                f"{self.experiment_name!r} ({exc.message.splitlines()[0]})"
+            ) from None
+        if self.resume_run_id:
+            self._check_resumable(self.resume_run_id)
+            client.update_run(self.resume_run_id, status="RUNNING")
+            self.run_id = self.resume_run_id
+        else:
+            tags = dict(self.tags)
+            if self.parent_run_id:
+                tags["mlflow.parentRunId"] = self.parent_run_id
+            run = client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+            self.run_id = run.info.run_id
+            if self._params:
+                client.log_batch(
+                    self.run_id,
+                    params=[Param(k, str(_param_value(k, v))) for k, v in self._params.items()],
+                )
+            for name, data in self._dicts.items():
+                client.log_dict(self.run_id, dict(data), name)
+        log.info(
+            "MLflow run %s (%s) in experiment %r at %s",
+            self.run_id,
+            "resumed" if self.resume_run_id else "new",
+            self.experiment_name,
+            redact_url(self.tracking_uri),
+        )
+
+    def wait(self) -> str | None:
+        """Block until the MLflow run exists (re-raising what stopped it); return its id."""
+        if self._starter is not None:
+            self._starter.join()
+            self._starter = None
+            if self._start_error is not None:
+                raise self._start_error
+            if self.autolog or self.system_metrics:
+                import mlflow
+
+                mlflow.set_tracking_uri(self.tracking_uri)
+                if self.autolog:
+                    mlflow.autolog(log_models=False, silent=True)
+                mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
+                self._fluent = True
+        return self.run_id
+
+    @property
+    def live(self) -> Any:
+        if self._live is None:
+            from dvclive import Live
+
+            # dvcyaml=None: dvc.yaml declares metrics and plots itself; dvclive must not
+            # rewrite it. Always a fresh directory: on resume the history is replayed from
+            # the checkpoint, right even after `dvc repro` deleted the old files or a kill
+            # left extra rows.
+            self._live = Live(
+                dir=str(self.live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=None
+            )
+        return self._live
 
     def _check_resumable(self, run_id: str) -> None:
         import mlflow
-        from mlflow import MlflowClient
 
-        client = MlflowClient()
         try:
-            client.get_run(run_id)
+            self._client.get_run(run_id)
         except mlflow.exceptions.MlflowException:
             raise PipelineError(
                 f"the checkpoint's MLflow run {run_id} is not in {redact_url(self.tracking_uri)}; "
                 "point mlflow_tracking_uri at the store that holds it, or set resume=false"
             ) from None
         for name in self._metric_names:
-            history = client.get_metric_history(run_id, name)
+            history = self._client.get_metric_history(run_id, name)
             self._logged_steps[name] = {m.step for m in history}
 
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
         """Write already-completed epochs into dvclive (MLflow holds them already)."""
         for entry in history:
-            self._live.step = entry["epoch"]
+            self.live.step = entry["epoch"]
             for name, value in entry["metrics"].items():
-                self._live.log_metric(name, value)
+                self.live.log_metric(name, value)
         if history:
-            self._live.make_summary()
+            self.live.make_summary()
 
     def __exit__(
         self,
@@ -235,56 +282,56 @@ class Tracker:
     ) -> None:
         if self._live is not None:
             self._live.end()
-        if self.mlflow_enabled and self.run_id:
+        if not self.mlflow_enabled:
+            return
+        if self._starter is not None:  # failed before the run was needed
+            self._starter.join()
+            self._starter = None
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt):
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        if self._fluent:
             import mlflow
 
-            if exc_type is None:
-                status = "FINISHED"
-            elif issubclass(exc_type, KeyboardInterrupt):
-                status = "KILLED"
-            else:
-                status = "FAILED"
             mlflow.end_run(status=status)
+        elif self.run_id and self._client is not None:
+            self._client.set_terminated(self.run_id, status=status)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.mlflow_enabled:
-            import mlflow
+            from mlflow.entities import RunTag
 
-            mlflow.set_tags(dict(tags))
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        if self.mlflow_enabled:
-            import mlflow
-
-            mlflow.log_params({k: _param_value(k, v) for k, v in params.items()})
+            self.wait()
+            self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         """Log one epoch: a single MLflow batch request, and the dvclive step."""
         if self.mlflow_enabled:
-            import mlflow
+            from mlflow.entities import Metric
 
+            self.wait()
             fresh = {k: v for k, v in metrics.items() if step not in self._logged_steps.get(k, ())}
             if len(fresh) < len(metrics):
                 log.info(
                     "epoch %d is already in MLflow run %s: not logged again", step, self.run_id
                 )
             if fresh:
-                mlflow.log_metrics(fresh, step=step)
-        self._live.step = step
+                now = int(time.time() * 1000)
+                self._client.log_batch(
+                    self.run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()]
+                )
+        self.live.step = step
         for name, value in metrics.items():
-            self._live.log_metric(name, value)
-        self._live.make_summary()
+            self.live.log_metric(name, value)
+        self.live.make_summary()
 
     def log_confusion_matrix(self, actual: Sequence[str], predicted: Sequence[str]) -> None:
-        self._live.log_sklearn_plot(
+        self.live.log_sklearn_plot(
             "confusion_matrix", list(actual), list(predicted), name="confusion_matrix.json"
         )
-
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        if self.mlflow_enabled:
-            import mlflow
-
-            mlflow.log_dict(dict(data), artifact_file)
 
     def log_model(self, model: Any, example: Any) -> None:
         """Log the trained model as an MLflow model (loadable with mlflow.pytorch.load_model)."""
@@ -293,16 +340,22 @@ class Tracker:
         import mlflow
         import torch
 
+        self.wait()
         model = model.cpu().eval()
+        mlflow.set_tracking_uri(self.tracking_uri)
         # "pt2" (torch.export) loads without running pickled code; it traces with the example.
         # Explicit requirements: inferring them imports and inspects the whole env (slow).
-        mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=example.cpu().numpy(),
-            serialization_format="pt2",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        kwargs = {
+            "name": "model",
+            "input_example": example.cpu().numpy(),
+            "serialization_format": "pt2",
+            "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
+        }
+        if self._fluent:
+            mlflow.pytorch.log_model(model, **kwargs)
+        else:
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(model, **kwargs)
 
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:

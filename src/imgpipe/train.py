@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -145,42 +146,52 @@ def train(
         system_metrics=cfg.mlflow_system_metrics,
         resume_run_id=progress.run_id if cfg.setup_mlflow else None,
         metric_names=METRIC_NAMES,
+        params=loggable_params(cfg) | {"device": str(device), "model": MODEL_NAME},
+        dicts={"metadata.json": _describe(data)},
     ) as tracker:
-        if on_run is not None and tracker.run_id:
-            on_run(tracker.run_id)
-        if tracker.resume_run_id is None:
-            tracker.log_params(loggable_params(cfg) | {"device": str(device), "model": MODEL_NAME})
-            tracker.log_dict(_describe(data), "metadata.json")
         if resumed:
             tracker.replay(progress.history)
-            tracker.set_tags(
-                {"resumed_at_epoch": str(progress.next_epoch), "epochs_total": str(cfg.epochs)}
-            )
         metrics: dict[str, float] = (
             dict(progress.history[-1]["metrics"]) if progress.history else {}
         )
 
-        def save(epoch: int) -> None:
-            state = {
+        def snapshot(epoch: int, keep: bool = False) -> dict[str, Any]:
+            """The full training state; ``keep`` copies it to be saved later."""
+            own = copy.deepcopy if keep else (lambda state: state)
+            return {
                 "format": checkpoint.FORMAT,
                 "epoch": epoch,
                 "global_step": progress.global_step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "model": own(model.state_dict()),
+                "optimizer": own(optimizer.state_dict()),
+                "scheduler": own(scheduler.state_dict()),
                 "rng": checkpoint.capture_rng(generator),
-                "mlflow_run_id": tracker.run_id,
-                "history": progress.history,
+                "history": list(progress.history),
                 "config_hash": fingerprint,
                 "config": loggable_params(cfg),
             }
-            # A fresh run drops the old run's checkpoints only here, with its own first one.
-            checkpoint.save_checkpoint(state, ckpt_dir, keep_previous=resumed or epoch > 0)
 
-        if not resumed:
-            # Epoch 0: the initial state and the run id, so a kill during the first
-            # epoch resumes into the same MLflow run instead of leaving an orphan.
-            save(0)
+        def save(state: dict[str, Any]) -> None:
+            state["mlflow_run_id"] = tracker.run_id
+            # A fresh run drops the old run's checkpoints only with its own first one.
+            checkpoint.save_checkpoint(state, ckpt_dir, keep_previous=resumed or state["epoch"] > 0)
+
+        # The MLflow run is being created on a background thread while the first epoch
+        # trains; epoch 0 (the initial state) is saved with the run id once it exists,
+        # so a kill in the first epoch resumes into the same run.
+        initial = None if resumed else snapshot(0, keep=True)
+
+        def first_epoch_done() -> None:
+            run_id = tracker.wait()
+            if initial is not None:
+                save(initial)
+            if run_id and on_run is not None:
+                on_run(run_id)
+            if resumed:
+                tracker.set_tags(
+                    {"resumed_at_epoch": str(progress.next_epoch), "epochs_total": str(cfg.epochs)}
+                )
+
         predicted = None
         epochs_s = fit_s = 0.0
         for epoch in range(progress.next_epoch, cfg.epochs + 1):
@@ -208,6 +219,8 @@ def train(
                 "test/accuracy": score.accuracy,
             }
             fit_s += t_fit
+            if epoch == progress.next_epoch:
+                first_epoch_done()
             tracker.log_epoch(epoch, metrics)
             progress.history.append({"epoch": epoch, "metrics": metrics})
             log.info(
@@ -221,7 +234,7 @@ def train(
                 time.perf_counter() - t0,
             )
             if epoch % cfg.model_checkpoint_interval == 0 or epoch == cfg.epochs:
-                save(epoch)
+                save(snapshot(epoch))
             epochs_s += time.perf_counter() - t0
 
         if predicted is None:  # resumed a run that had already reached `epochs`
