@@ -187,6 +187,21 @@ def test_bad_sweep_input_stops_before_the_first_trial(
     assert not list(tmp_path.glob("sweep/study/*/trials"))
 
 
+def test_changed_code_or_config_starts_a_new_study(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-running the same sweep continues its study; other code or values start afresh."""
+    import imgpipe.sweep as sweep
+
+    def study_dir(*args: str) -> str:
+        return sweep.load_settings("train_model", [], list(args)).study_dir
+
+    assert study_dir() == study_dir()
+    assert study_dir("epochs=3") != study_dir()
+    assert study_dir("hydra.sweeper.n_trials=9") == study_dir()  # more trials: same study
+    before = study_dir()
+    monkeypatch.setattr(sweep, "code_hash", lambda: "other-code")
+    assert study_dir() != before
+
+
 def test_an_existing_study_with_other_directions_is_refused(
     sample_processed: Path, tmp_path: Path
 ) -> None:

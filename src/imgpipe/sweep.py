@@ -126,11 +126,20 @@ def _distributions(search_space: dict[str, str]) -> dict[str, Any]:
 FINGERPRINT_KEYS = ("lr", "gamma", "train_bs", "test_bs", "epochs", "seed")
 
 
+def code_hash() -> str:
+    """The training code's identity: trials made by other code are not reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def sweep_fingerprint(base: dict[str, Any], space: dict[str, str], directions: list[str]) -> str:
     key = {
         "base": {k: base[k] for k in FINGERPRINT_KEYS if k not in space},
         "space": dict(sorted(space.items())),
         "directions": directions,
+        "code": code_hash(),
     }
     return hashlib.sha256(repr(key).encode()).hexdigest()[:8]
 
@@ -192,9 +201,9 @@ def load_settings(
     # Next to the results: the study database and one folder per trial (a persisted DVC output).
     study_name = str(sweeper.get("study_name") or "sweep")
     fingerprint = sweep_fingerprint(base, space, directions)
-    # One folder per (study, config): the database when no storage is given, and one
-    # folder per trial. A changed config or search space starts a new study; the
-    # same one (say, after a kill, or with more n_trials) continues it.
+    # One folder per (study, config, code): the database when no storage is given, and
+    # one folder per trial. A changed config, search space or training code starts a
+    # new study; the same one (say, after a kill, or with more n_trials) continues it.
     study_dir = Path(results_dir).resolve().parent / "study" / f"{study_name}-{fingerprint}"
     storage = sweeper.get("storage") or f"sqlite:///{study_dir / 'optuna.db'}"
     from imgpipe.data import available_cpus
