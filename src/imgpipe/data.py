@@ -170,13 +170,19 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
     split = csv_path.stem
     try:
         with open(csv_path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip() for f in (reader.fieldnames or [])]
+            reader = csv.reader(fh)
+            fields = [f.strip() for f in next(reader, [])]
             if "filepath" not in fields or "label" not in fields:
                 raise PipelineError(
                     f"{csv_path}: header must contain 'filepath,label' (found {','.join(fields)!r})"
                 )
-            rows = list(reader)
+            at_path, at_label = fields.index("filepath"), fields.index("label")
+            width = max(at_path, at_label) + 1
+            # Pairs, not dicts: a million rows stay in tens of MB, not hundreds.
+            rows = [
+                (row[at_path].strip(), row[at_label].strip()) if len(row) >= width else ("", "")
+                for row in reader
+            ]
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{csv_path}: not a UTF-8 CSV file ({exc.reason})") from exc
     except csv.Error as exc:
@@ -191,9 +197,7 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
     seen: set[str] = set()
     listed = 0
     root = str(raw_dir)
-    for line, row in enumerate(rows, start=2):
-        rel = (row.get("filepath") or "").strip()
-        label = (row.get("label") or "").strip()
+    for line, (rel, label) in enumerate(rows, start=2):
         if not rel or not label:
             raise PipelineError(f"{csv_path} line {line}: empty filepath or label")
         if rel in seen:
