@@ -184,15 +184,20 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
+def project_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for make/dvc in a project copy: this interpreter's virtual environment,
+    used as it is (SETUP empty), so a copy never reinstalls the package into it."""
+    return {**os.environ, "VENV": str(VENV), "SETUP": "", **(env or {})}
+
+
 def make(
     target: str, cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    """`make TARGET` in a project copy, reusing this interpreter's virtual environment."""
-    full_env = {**os.environ, "VENV": str(VENV), **(env or {})}
+    """`make TARGET` in a project copy."""
     return subprocess.run(
         ["make", "--no-print-directory", target, *args],
         cwd=cwd,
-        env=full_env,
+        env=project_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -203,11 +208,10 @@ def make(
 def dvc(
     cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "VENV": str(VENV), **(env or {})}
     return subprocess.run(
         [str(VENV / "bin" / "dvc"), *args],
         cwd=cwd,
-        env=full_env,
+        env=project_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

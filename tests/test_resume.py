@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, dvc, make
+from conftest import REPO, dvc, make, project_env
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.data import process_dataset
@@ -253,7 +253,7 @@ def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
     params.update(resume=True, epochs=6, train_bs=16)
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
 
-    env = {**os.environ, "VENV": str(Path(sys.prefix)), "SETUP": ""}
+    env = project_env()
     proc = subprocess.Popen(
         [str(Path(sys.prefix) / "bin" / "dvc"), "repro", "train"],
         cwd=project,
