@@ -1,0 +1,50 @@
+# The project's CPU image: every pipeline stage runs in it through Make.
+#   make build                      builds it as imgpipe:cpu
+#   make train RUNTIME=docker       runs a stage in it, workspace mounted, as the calling user
+# BASE_IMAGE: any Debian-based image with Python 3.11 and its venv module.
+# TORCH_INDEX_URL: an extra wheel index for torch, e.g. PyTorch's CPU-only index, which keeps
+# the image small (PyPI's torch for Linux bundles the CUDA runtime).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG NON_ROOT_USER=imgpipe
+ARG NON_ROOT_UID=2222
+ARG NON_ROOT_GID=2222
+ARG TORCH_INDEX_URL=""
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONPATH=/workspace/src \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=true \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+RUN groupadd --gid "${NON_ROOT_GID}" "${NON_ROOT_USER}" \
+    && useradd --uid "${NON_ROOT_UID}" --gid "${NON_ROOT_GID}" --create-home --shell /bin/bash "${NON_ROOT_USER}" \
+    && mkdir /workspace \
+    && chown "${NON_ROOT_UID}:${NON_ROOT_GID}" /workspace
+
+# Dependencies first, from pyproject.toml alone: a code-only change reuses this layer.
+# docker/wheels holds local wheels (Make links pip's PIP_FIND_LINKS wheels there), pip's cache
+# persists across builds, and the system CA store is trusted (a proxy's CA added to the base).
+COPY pyproject.toml /tmp/imgpipe/pyproject.toml
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=bind,source=docker/wheels,target=/wheels \
+    python3 -m venv "${VIRTUAL_ENV}" \
+    && python -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/imgpipe/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/imgpipe/requirements.txt \
+    && pip install --cert /etc/ssl/certs/ca-certificates.crt --find-links /wheels \
+        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -r /tmp/imgpipe/requirements.txt \
+    && rm -rf /tmp/imgpipe
+
+WORKDIR /workspace
+COPY conf/ conf/
+COPY src/ src/
+COPY Makefile dvc.yaml params.yaml pyproject.toml ./
+
+USER ${NON_ROOT_UID}:${NON_ROOT_GID}
+CMD ["python", "-u", "src/train_model.py"]
