@@ -84,7 +84,7 @@ BUILD_ENV = $(if $(filter docker,$(ENGINE)),DOCKER_BUILDKIT=1)
 
 # One line and exit 2 before anything runs: no engine, caller is root, image missing.
 check_engine = $(call engine_bin,$(1)) info >/dev/null 2>&1 || { \
-  echo "error: RUNTIME=$(1) but no $(1) engine answers ($(call engine_bin,$(1)) info failed): start it or use RUNTIME=local" >&2; exit 2; }
+  echo "error: no $(1) engine answers ($(call engine_bin,$(1)) info failed): start it or use RUNTIME=local" >&2; exit 2; }
 check_image = $(call engine_bin,$(1)) image inspect $(2) >/dev/null 2>&1 || { \
   echo "error: image $(2) not found in $(1): run \`make build$(if $(GPU), GPU=$(GPU))\` first" >&2; exit 2; }
 check_caller = [ "$$(id -u)" != 0 ] || { \
@@ -124,11 +124,11 @@ SERVER_CMD = $(if $(filter docker podman,$(SERVER_RUNTIME)),$(call engine_bin,$(
   --name $(IMAGE_NAME)-mlflow-$(MLFLOW_PORT) $(MLFLOW_IMAGE) mlflow server,\
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(BIN)/mlflow server)
 
-# Wheels in pip's PIP_FIND_LINKS folders are linked into the build context (docker/wheels),
-# so the image installs torch from them instead of downloading it.
-link_wheels = for dir in $${PIP_FIND_LINKS:-}; do [ -d "$$dir" ] || continue; \
+# Wheels in pip's PIP_FIND_LINKS folders are linked into the CPU image's build context
+# (docker/wheels/cpu), so it installs torch from them instead of downloading it.
+link_wheels = $(if $(GPU),:,for dir in $${PIP_FIND_LINKS:-}; do [ -d "$$dir" ] || continue; \
   for whl in "$$dir"/*.whl; do [ -e "$$whl" ] || continue; \
-  ln -f "$$whl" docker/wheels/ 2>/dev/null || cp -f "$$whl" docker/wheels/; done; done
+  ln -f "$$whl" docker/wheels/cpu/ 2>/dev/null || cp -f "$$whl" docker/wheels/cpu/; done; done)
 
 # No usage telemetry leaves the machine unless the user asks for it.
 export MLFLOW_DISABLE_TELEMETRY ?= true
@@ -183,8 +183,9 @@ sweep: $(SETUP) ## Stage: Optuna sweep (conf/train_model.yaml hydra.sweeper); WO
 	$(call stage,train_model.py,gpu) --multirun $(if $(WORKERS),hydra.sweeper.n_jobs=$(WORKERS)) $(ARGS)
 
 build: ## Build the image: imgpipe:cpu, or GPU=nvidia|amd for imgpipe:cuda|rocm
+	@$(if $(filter amd,$(GPU)),test -n "$(TORCH_INDEX_URL)" || { echo "error: GPU=amd needs TORCH_INDEX_URL=<PyTorch's ROCm wheel index> (PyPI's torch is built for CUDA)" >&2; exit 2; })
 	@$(ENGINE_CHECK)
-	@$(call link_wheels)
+	@$(link_wheels)
 	$(BUILD_ENV) $(ENGINE_BIN) build --file $(DOCKERFILE) --tag $(IMAGE) \
 	  $(foreach arg,BASE_IMAGE TORCH_INDEX_URL NON_ROOT_USER NON_ROOT_UID NON_ROOT_GID,$(if $($(arg)),--build-arg $(arg)=$($(arg)))) \
 	  --label org.opencontainers.image.version=$(VERSION) \

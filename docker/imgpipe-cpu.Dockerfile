@@ -5,15 +5,19 @@
 # TORCH_INDEX_URL: an extra wheel index for torch, e.g. PyTorch's CPU-only index, which keeps
 # the image small (PyPI's torch for Linux bundles the CUDA runtime).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-FROM ${BASE_IMAGE}
 
+# The runtime dependencies, read from pyproject.toml: only a change to them (not to the
+# version, the dev tools or the code) reinstalls the dependency layer below.
+FROM ${BASE_IMAGE} AS requirements
+COPY pyproject.toml /pyproject.toml
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/pyproject.toml", "rb"))["project"]["dependencies"]))' > /requirements.txt
+
+FROM ${BASE_IMAGE}
 ARG NON_ROOT_USER=imgpipe
 ARG NON_ROOT_UID=2222
 ARG NON_ROOT_GID=2222
 ARG TORCH_INDEX_URL=""
-
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/workspace/src \
@@ -29,17 +33,15 @@ RUN groupadd --gid "${NON_ROOT_GID}" "${NON_ROOT_USER}" \
     && mkdir /workspace \
     && chown "${NON_ROOT_UID}:${NON_ROOT_GID}" /workspace
 
-# Dependencies first, from pyproject.toml alone: a code-only change reuses this layer.
-# docker/wheels holds local wheels (Make links pip's PIP_FIND_LINKS wheels there), pip's cache
-# persists across builds, and the system CA store is trusted (a proxy's CA added to the base).
-COPY pyproject.toml /tmp/imgpipe/pyproject.toml
+# Dependencies before the code: a code-only change rebuilds in seconds. docker/wheels/cpu
+# holds local wheels (Make links PIP_FIND_LINKS wheels there); pip's cache persists across
+# builds; the system CA store is trusted (say, a proxy's CA added to the base image).
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
-    --mount=type=bind,source=docker/wheels,target=/wheels \
+    --mount=type=bind,source=docker/wheels/cpu,target=/wheels \
     python3 -m venv "${VIRTUAL_ENV}" \
-    && python -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/imgpipe/pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/imgpipe/requirements.txt \
     && pip install --cert /etc/ssl/certs/ca-certificates.crt --find-links /wheels \
-        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -r /tmp/imgpipe/requirements.txt \
-    && rm -rf /tmp/imgpipe
+        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -r /tmp/requirements.txt
 
 WORKDIR /workspace
 COPY conf/ conf/

@@ -11,6 +11,7 @@ import torch
 
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
+from imgpipe.errors import PipelineError
 from imgpipe.train import train
 
 
@@ -92,3 +93,33 @@ def test_mlflow_run_has_params_history_tags_and_model(
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     # Artifacts live beside the store, not in the current directory.
     assert (tmp_path / "store" / "artifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+def test_bf16_autocast_trains_to_a_usable_model(cfg: TrainConfig, tmp_path: Path) -> None:
+    """bf16=true changes the arithmetic (so the numbers differ from float32) but still learns."""
+    plain = train(cfg)
+    loss, accuracy = train(replace(cfg, bf16=True, model_checkpoint_dir_path=str(tmp_path / "b")))
+    assert (loss, accuracy) != plain
+    assert accuracy > 0.8
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_weights(cfg: TrainConfig, tmp_path: Path) -> None:
+    """compile=true trains through torch.compile; the checkpoint holds the plain module's keys,
+    so it loads into an uncompiled model and resumes like any other."""
+    _, accuracy = train(replace(cfg, compile=True, epochs=2))
+    assert accuracy > 0.8
+    weights = final_weights(cfg)
+    assert not any(name.startswith("_orig_mod") for name in weights)
+    resumed = train(replace(cfg, compile=False, epochs=3, resume=True))
+    assert resumed[1] > 0.8
+
+
+def test_a_named_device_that_is_missing_stops_before_any_work(
+    cfg: TrainConfig, tmp_path: Path
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(PipelineError, match=r"device=cuda but torch .* sees no GPU"):
+        train(replace(cfg, device="cuda"))
+    assert not (tmp_path / "models").exists()

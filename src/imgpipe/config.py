@@ -37,6 +37,12 @@ class ProcessDataConfig:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1.0
@@ -60,9 +66,13 @@ class TrainConfig:
     log_dir: str = "./logs"
     no_cuda: bool = False
     no_mps: bool = False
+    device: str = "auto"
+    bf16: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(self.device in DEVICES, "device", self.device, "one of " + ", ".join(DEVICES))
         _check(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]")
         _check(self.train_bs >= 1, "train_bs", self.train_bs, ">= 1")
         _check(self.test_bs >= 1, "test_bs", self.test_bs, ">= 1")

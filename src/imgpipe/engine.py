@@ -42,8 +42,12 @@ class TensorSplit:
         self.normalised = pixels.numel() * 4 <= FLOAT_CACHE_BYTES
         self.images = self._normalise(pixels) if self.normalised else pixels
         if device.type == "cuda":
-            self.images = self.images.pin_memory()
-            self.labels = self.labels.pin_memory()
+            free, _ = torch.cuda.mem_get_info(device)
+            if self.images.nbytes <= free // 4:
+                # Fits with room to spare: keep the split on the GPU, batches never cross PCIe.
+                self.images, self.labels = self.images.to(device), self.labels.to(device)
+            else:  # pinned host memory: each batch is one asynchronous copy
+                self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
         self.scale, self.shift = self.scale.to(device), self.shift.to(device)
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,11 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         yield order[start : start + batch_size]
 
 
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """bfloat16 autocast when asked (matmuls and convolutions in bf16, reductions in float32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -79,6 +88,7 @@ def train_one_epoch(
     generator: torch.Generator,
     epoch: int,
     log_interval: int,
+    bf16: bool = False,
 ) -> EpochResult:
     """Train one pass over ``data`` in an order drawn from ``generator``."""
     model.train()
@@ -89,8 +99,9 @@ def train_one_epoch(
     for step, index in enumerate(shuffled_batches(n, batch_size, generator), start=1):
         x, y = data.batch(index)
         optimizer.zero_grad(set_to_none=True)
-        output = model(x)
-        loss = F.nll_loss(output, y)
+        with autocast(data.device, bf16):
+            output = model(x)
+            loss = F.nll_loss(output, y)
         loss.backward()
         optimizer.step()
         # Accumulate on the device: a .item() per batch would sync every step.
@@ -104,7 +115,7 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: TensorSplit, batch_size: int
+    model: nn.Module, data: TensorSplit, batch_size: int, bf16: bool = False
 ) -> tuple[EpochResult, torch.Tensor]:
     """Mean loss and accuracy over ``data``, plus the predicted class of every item."""
     model.eval()
@@ -113,9 +124,10 @@ def evaluate(
     n = len(data)
     for start in range(0, n, batch_size):
         x, y = data.batch(slice(start, start + batch_size))
-        output = model(x)
-        total_loss += F.nll_loss(output, y, reduction="sum")
+        with autocast(data.device, bf16):
+            output = model(x)
+        total_loss += F.nll_loss(output.float(), y, reduction="sum")
         predictions.append(output.argmax(dim=1))
     predicted = torch.cat(predictions).cpu()
-    accuracy = (predicted == data.labels).float().mean().item()
+    accuracy = (predicted == data.labels.cpu()).float().mean().item()
     return EpochResult(loss=total_loss.item() / n, accuracy=accuracy), predicted

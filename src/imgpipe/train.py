@@ -36,10 +36,25 @@ log = logging.getLogger(__name__)
 METRIC_NAMES = ("train/loss", "train/accuracy", "test/loss", "test/accuracy")
 
 
-def pick_device(no_cuda: bool, no_mps: bool) -> torch.device:
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def pick_device(device: str, no_cuda: bool = False, no_mps: bool = False) -> torch.device:
+    """``auto``: CUDA, then MPS, then the CPU; a named device must be there."""
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+        raise PipelineError(
+            f"device=cuda but torch {torch.__version__} ({build}) sees no GPU: check the driver "
+            "(nvidia-smi) and, in a container, the GPU flags (make ... GPU=nvidia)"
+        )
+    if device == "mps" and not _mps_available():
+        raise PipelineError(f"device=mps but torch {torch.__version__} sees no Apple GPU")
+    if device != "auto":
+        return torch.device(device)
     if torch.cuda.is_available() and not no_cuda:
         return torch.device("cuda")
-    if not no_mps and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if not no_mps and _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -105,7 +120,7 @@ def train(
     tracking_uri = resolve_tracking_uri(cfg.mlflow_tracking_uri) if cfg.setup_mlflow else None
     if tracking_uri:
         check_tracking_uri(tracking_uri)  # before any data is read: fail in seconds, not minutes
-    device = pick_device(cfg.no_cuda, cfg.no_mps)
+    device = pick_device(cfg.device, cfg.no_cuda, cfg.no_mps)
     data = load_processed(cfg.data_dir_path)
     ckpt_dir = Path(cfg.model_checkpoint_dir_path)
     fingerprint = shape_hash(data)
@@ -118,6 +133,9 @@ def train(
     progress = Progress()
     if cfg.resume:
         progress = restore(ckpt_dir, fingerprint, cfg, model, optimizer, scheduler, generator)
+    # The compiled module shares the model's parameters: training goes through it, while
+    # checkpoints and the exported model use the plain module (no "_orig_mod." keys).
+    net = torch.compile(model) if cfg.compile else model
 
     train_split = TensorSplit(data.train.images, data.train.labels, data.mean, data.std, device)
     test_split = TensorSplit(data.test.images, data.test.labels, data.mean, data.std, device)
@@ -201,7 +219,14 @@ def train(
                     "first training step %.2fs after the process started", _since_process_start()
                 )
             fit = train_one_epoch(
-                model, optimizer, train_split, cfg.train_bs, generator, epoch, cfg.log_interval
+                net,
+                optimizer,
+                train_split,
+                cfg.train_bs,
+                generator,
+                epoch,
+                cfg.log_interval,
+                bf16=cfg.bf16,
             )
             t_fit = time.perf_counter() - t0
             if not math.isfinite(fit.loss):
@@ -210,7 +235,7 @@ def train(
                     "lower lr or check the data"
                 )
             scheduler.step()
-            score, predicted = evaluate(model, test_split, cfg.test_bs)
+            score, predicted = evaluate(net, test_split, cfg.test_bs, cfg.bf16)
             progress.global_step += -(-len(train_split) // cfg.train_bs)
             metrics = {
                 "train/loss": fit.loss,
@@ -238,7 +263,7 @@ def train(
             epochs_s += time.perf_counter() - t0
 
         if predicted is None:  # resumed a run that had already reached `epochs`
-            _, predicted = evaluate(model, test_split, cfg.test_bs)
+            _, predicted = evaluate(net, test_split, cfg.test_bs, cfg.bf16)
         checkpoint.save_atomic(
             {
                 "model_name": MODEL_NAME,
