@@ -111,9 +111,9 @@ container_run = $(call engine_bin,$(1)) run --rm --init --user $(CALLER) $(call 
   --volume $(MOUNT):$(MOUNT) --workdir $(CURDIR) $(CALLER_ENV) --env PYTHONPATH=$(CURDIR)/src \
   $(foreach var,$(CONTAINER_ENV),--env $(var)) $(if $(NETWORK),--network $(NETWORK))
 # $(call stage,SCRIPT[,gpu]): an entry point with its values from params.yaml, in the image or in $(VENV)
-stage = $(if $(filter docker podman,$(STAGE_CHOICE)),$(call container_run,$(STAGE_CHOICE)) \
+stage = $(strip $(if $(filter docker podman,$(STAGE_CHOICE)),$(call container_run,$(STAGE_CHOICE)) \
   --env IMGPIPE_PARAMS_FILE=$(PARAMS) $(if $(2),$(GPU_FLAGS_$(STAGE_CHOICE)_$(GPU))) $(IMAGE) python,\
-  IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY)) -u src/$(1)$(if $(2),$(if $(DEVICE_ARG), $(DEVICE_ARG)))
+  IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY)) -u src/$(1)$(if $(2),$(if $(DEVICE_ARG), $(DEVICE_ARG))))
 
 # The tracking server: in the image (it holds the same MLflow as the code) or from $(VENV).
 SERVER_RUNTIME = $(firstword $(SERVER_CHOICE))

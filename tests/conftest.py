@@ -186,8 +186,9 @@ def project(tmp_path: Path) -> Path:
 
 def project_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for make/dvc in a project copy: this interpreter's virtual environment,
-    used as it is (SETUP empty), so a copy never reinstalls the package into it."""
-    return {**os.environ, "VENV": str(VENV), "SETUP": "", **(env or {})}
+    used as it is (SETUP empty), so a copy never reinstalls the package into it; stages run
+    locally unless a test asks for a container runtime."""
+    return {**os.environ, "VENV": str(VENV), "SETUP": "", "RUNTIME": "local", **(env or {})}
 
 
 def make(
