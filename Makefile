@@ -135,7 +135,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
 .PHONY: help setup data params run process-data train sweep build push mlflow-server mlflow-ui \
-	test bench lint format clean
+	test bench lint params-check format clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -147,6 +147,9 @@ $(DEPS_STAMP): pyproject.toml
 	@echo "Installing dependencies into $(VENV) (first run only)..."
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  $(BIN)/pre-commit install >/dev/null || echo "warning: git hook not installed (pre-commit install failed)" >&2; \
+	fi
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 
@@ -211,9 +214,10 @@ test: data ## Run the test suite (slow end-to-end tests included)
 bench: $(SETUP) ## Benchmark against baselines and hardware limits -> bench/RESULTS.md (BENCH_ARGS=...)
 	$(PY) -u bench/run.py $(BENCH_ARGS)
 
-lint: $(SETUP) ## ruff check + format check, params.yaml in sync with conf/
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+lint: $(SETUP) ## Every pre-commit hook on every file: ruff, yaml, hadolint, actionlint, params.yaml in sync
+	$(BIN)/pre-commit run --all-files --show-diff-on-failure
+
+params-check: $(SETUP) ## Fail when params.yaml differs from what conf/ composes
 	$(PY) -m imgpipe.config --check $(PARAMS)
 
 format: $(SETUP) ## Format the code with ruff
