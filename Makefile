@@ -61,9 +61,10 @@ CONTAINER_ENV ?= MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PA
   AWS_DEFAULT_REGION DVC_ROOT DVC_EXP_NAME MLFLOW_DISABLE_TELEMETRY DO_NOT_TRACK
 # NETWORK: the container network; unset, the host's when a tracking or study URL points at
 # the host itself (127.0.0.1 in a container is the container), else the engine's default.
+# (grep reads all its input: with -q and pipefail the writer's SIGPIPE would fail the test.)
 NETWORK ?= $(eval NETWORK := $(shell $(loopback_urls) && echo host))$(NETWORK)
 loopback_urls = { printf '%s\n' "$${MLFLOW_TRACKING_URI:-}"; cat $(PARAMS) conf/train_model.yaml 2>/dev/null; } \
-  | grep -qE '://([^/@[:space:]]*@)?(localhost|127\.[0-9.]+|\[::1\])([:/]|$$)'
+  | grep -E '://([^/@[:space:]]*@)?(localhost|127\.[0-9.]+|\[::1\])([:/]|$$)' >/dev/null
 
 # The runtime, picked once per make: RUNTIME when given, else docker (then podman) when the
 # engine answers and has the image, else local; with the reason when picked.
@@ -102,7 +103,7 @@ GPU_FLAGS_docker_amd := --device=/dev/kfd --device=/dev/dri --group-add video
 GPU_FLAGS_podman_amd := $(GPU_FLAGS_docker_amd)
 DEVICE_ARG := $(if $(GPU),device=cuda)
 # Rootless podman maps the caller's uid into the container only with keep-id.
-USERNS = $(if $(filter podman,$(1)),$(shell $(PODMAN) info --format '{{.Host.Security.Rootless}}' 2>/dev/null | grep -q true && echo --userns=keep-id))
+USERNS = $(if $(filter podman,$(1)),$(shell $(PODMAN) info --format '{{.Host.Security.Rootless}}' 2>/dev/null | grep true >/dev/null && echo --userns=keep-id))
 # The workspace is mounted at its own path, so every path (checkpoints, the MLflow store and
 # the artifact locations it records) is the same inside and outside; under `dvc exp run
 # --temp` the whole repository is, so the store in $$DVC_ROOT/mlruns stays reachable.
