@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import struct
 import zlib
-from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,9 +140,29 @@ def export_sample_digits(out_dir: str | os.PathLike[str]) -> int:
 
 @dataclass(frozen=True)
 class RawSplit:
+    """One split's rows, stored compactly: a million rows take tens of MB, not hundreds.
+
+    Row ``i`` is the image ``<root>/<name>/<label_names[codes[i]]>/<files[i]>``.
+    """
+
     name: str
-    files: list[str]  # paths of the images, in CSV order
-    labels: list[str]
+    root: str
+    label_names: list[str]  # distinct labels, in order of first appearance
+    codes: array  # per row: index into label_names
+    files: list[str]  # per row: the file name inside its class folder
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.name, self.label_names[self.codes[i]], self.files[i])
+
+    def paths(self, start: int, stop: int) -> list[str]:
+        folders = [os.path.join(self.root, self.name, label) for label in self.label_names]
+        return [
+            os.path.join(folders[code], name)
+            for code, name in zip(self.codes[start:stop], self.files[start:stop], strict=True)
+        ]
 
 
 def _scan_split(split_dir: Path) -> dict[str, set[str]]:
@@ -167,7 +188,18 @@ def _sort_labels(labels: set[str]) -> list[str]:
 
 
 def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
+    """Validate one split's CSV row by row as it streams in (no copy of the rows is kept).
+
+    One directory scan replaces a stat per row; each listed file is taken out of the scan's
+    sets, so what remains is the unlisted files and a second listing is a duplicate.
+    """
     split = csv_path.stem
+    root = str(raw_dir)
+    on_disk = _scan_split(raw_dir / split)
+    empty_folders = [label for label, names in sorted(on_disk.items()) if not names]
+    label_code: dict[str, int] = {}
+    codes = array("i")
+    files: list[str] = []
     try:
         with open(csv_path, newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
@@ -178,66 +210,57 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
                 )
             at_path, at_label = fields.index("filepath"), fields.index("label")
             width = max(at_path, at_label) + 1
-            # Pairs, not dicts: a million rows stay in tens of MB, not hundreds.
-            rows = [
-                (row[at_path].strip(), row[at_label].strip()) if len(row) >= width else ("", "")
-                for row in reader
-            ]
+            for line, row in enumerate(reader, start=2):
+                rel, label = (
+                    (row[at_path].strip(), row[at_label].strip()) if len(row) >= width else ("", "")
+                )
+                if not rel or not label:
+                    raise PipelineError(f"{csv_path} line {line}: empty filepath or label")
+                parts = rel.split("/")
+                if rel.startswith("/") or ".." in parts:
+                    raise PipelineError(
+                        f"{csv_path} line {line}: filepath {rel!r} points outside {raw_dir}"
+                    )
+                if len(parts) != 3 or parts[0] != split:
+                    raise PipelineError(
+                        f"{csv_path} line {line}: filepath {rel!r} is not of the form "
+                        f"{split}/<label>/<file>"
+                    )
+                if parts[1] != label:
+                    raise PipelineError(
+                        f"{csv_path} line {line}: label {label!r} disagrees with its folder "
+                        f"{parts[0]}/{parts[1]}/"
+                    )
+                unlisted = on_disk.get(label)
+                name = parts[2]
+                if unlisted is None or name not in unlisted:
+                    path = os.path.join(root, rel)
+                    if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path):
+                        raise PipelineError(f"{csv_path} line {line}: duplicate filepath {rel!r}")
+                    raise PipelineError(f"{csv_path} line {line}: image file not found: {path}")
+                unlisted.remove(name)
+                code = label_code.setdefault(label, len(label_code))
+                codes.append(code)
+                files.append(name)
     except UnicodeDecodeError as exc:
         raise PipelineError(f"{csv_path}: not a UTF-8 CSV file ({exc.reason})") from exc
     except csv.Error as exc:
         raise PipelineError(f"{csv_path}: malformed CSV ({exc})") from exc
-    if not rows:
+    if not files:
         raise PipelineError(f"{csv_path}: no rows; every split needs at least one image")
 
-    # One directory scan instead of a stat per row: 60,000 rows validate in a blink.
-    on_disk = _scan_split(raw_dir / split)
-    files: list[str] = []
-    labels: list[str] = []
-    seen: set[str] = set()
-    listed = 0
-    root = str(raw_dir)
-    for line, (rel, label) in enumerate(rows, start=2):
-        if not rel or not label:
-            raise PipelineError(f"{csv_path} line {line}: empty filepath or label")
-        if rel in seen:
-            raise PipelineError(f"{csv_path} line {line}: duplicate filepath {rel!r}")
-        seen.add(rel)
-        parts = rel.split("/")
-        if rel.startswith("/") or ".." in parts:
-            raise PipelineError(
-                f"{csv_path} line {line}: filepath {rel!r} points outside {raw_dir}"
-            )
-        if len(parts) != 3 or parts[0] != split:
-            raise PipelineError(
-                f"{csv_path} line {line}: filepath {rel!r} is not of the form {split}/<label>/<file>"
-            )
-        if parts[1] != label:
-            raise PipelineError(
-                f"{csv_path} line {line}: label {label!r} disagrees with its folder "
-                f"{parts[0]}/{parts[1]}/"
-            )
-        if parts[2] not in on_disk.get(label, ()):
-            raise PipelineError(
-                f"{csv_path} line {line}: image file not found: {os.path.join(root, rel)}"
-            )
-        listed += 1
-        files.append(os.path.join(root, rel))
-        labels.append(label)
-
     # A class folder with no images is almost always a failed copy: say so.
-    for label, names in sorted(on_disk.items()):
-        if not names:
-            raise PipelineError(f"class folder {raw_dir / split / label} has no images")
-    unlisted = sum(len(names) for names in on_disk.values()) - listed
-    if unlisted > 0:
+    if empty_folders:
+        raise PipelineError(f"class folder {raw_dir / split / empty_folders[0]} has no images")
+    unlisted_count = sum(len(names) for names in on_disk.values())
+    if unlisted_count > 0:
         log.warning(
             "%d image(s) under %s are not listed in %s; ignored",
-            unlisted,
+            unlisted_count,
             raw_dir / split,
             csv_path,
         )
-    return RawSplit(split, files, labels)
+    return RawSplit(split, root, list(label_code), codes, files)
 
 
 def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
@@ -256,9 +279,9 @@ def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
             f"raw data directory {raw}: missing {', '.join(s + '.csv' for s in missing)}"
         )
     splits = {p.stem: _read_split_csv(raw, p) for p in csvs}
-    train_classes = set(splits["train"].labels)
+    train_classes = set(splits["train"].label_names)
     for name, split in splits.items():
-        extra = set(split.labels) - train_classes
+        extra = set(split.label_names) - train_classes
         if extra:
             raise PipelineError(
                 f"{raw / (name + '.csv')}: label(s) {sorted(extra)} never appear in train.csv"
@@ -316,20 +339,28 @@ def _decode_pixels(path: Path, size: tuple[int, int], mode: str) -> np.ndarray:
 
 
 def _decode_chunk(
-    out_path: str, start: int, files: list[str], size: tuple[int, int], mode: str
+    out_path: str, offset: int, start: int, files: list[str], size: tuple[int, int], mode: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode ``files`` into rows ``start..`` of the memory-mapped output.
+    """Decode ``files`` into rows ``start..`` of the ``.npy`` output, whose data begins at
+    byte ``offset``: one positioned write per chunk (no memory map, so a worker's memory is
+    its chunk; the parent fsyncs each file once at the end).
 
     Returns per-channel sums and sums of squares for normalisation stats, so no
     pixel data travels back to the parent process.
     """
-    out = np.load(out_path, mmap_mode="r+")
-    channels = out.shape[3]
+    channels = 1 if mode == "L" else 3
     block = np.empty((len(files), size[1], size[0], channels), dtype=np.uint8)
     for i, name in enumerate(files):
         block[i] = _decode_pixels(Path(name), size, mode).reshape(size[1], size[0], channels)
-    out[start : start + len(files)] = block
-    out.flush()
+    fd = os.open(out_path, os.O_WRONLY)
+    try:
+        view = memoryview(block).cast("B")
+        position = offset + start * block[0].nbytes
+        while view:  # pwrite may write less than asked
+            written = os.pwrite(fd, view, position)
+            view, position = view[written:], position + written
+    finally:
+        os.close(fd)
     flat = block.reshape(-1, channels)
     total = flat.sum(axis=0, dtype=np.float64)
     total_sq = np.square(flat, dtype=np.uint32).sum(axis=0, dtype=np.float64)
@@ -354,16 +385,25 @@ def _decode_all(
     from tqdm import tqdm
 
     channels = 1 if mode == "L" else 3
-    total_images = sum(len(split.files) for split in splits.values())
+    total_images = sum(len(split) for split in splits.values())
     chunk = max(256, min(2048, math.ceil(total_images / (workers * 24))))
-    tasks = []
+    outputs = {}
     for name, split in splits.items():
         path = out_dir / f"{name}_images.npy"
-        shape = (len(split.files), size[1], size[0], channels)
-        # Creating the memory map writes the header; workers open their own views.
-        np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
-        for start in range(0, len(split.files), chunk):
-            tasks.append((name, str(path), start, split.files[start : start + chunk]))
+        shape = (len(split), size[1], size[0], channels)
+        # Creating the memory map writes the header and sizes the file; workers then write
+        # their rows at the data offset.
+        header = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        outputs[name] = (str(path), header.offset)
+        del header
+
+    def tasks() -> Iterator[tuple[str, str, int, int, list[str]]]:
+        # Paths are built chunk by chunk as work is handed out: never all at once.
+        for name, split in splits.items():
+            path, offset = outputs[name]
+            for start in range(0, len(split), chunk):
+                yield name, path, offset, start, split.paths(start, start + chunk)
+
     stats = {name: (np.zeros(channels), np.zeros(channels)) for name in splits}
 
     def add(name: str, result: tuple[np.ndarray, np.ndarray]) -> None:
@@ -371,26 +411,47 @@ def _decode_all(
         stats[name][1][:] += result[1]
 
     with tqdm(total=total_images, unit="img", desc="decode", disable=None, leave=False) as bar:
-        if workers <= 1 or len(tasks) == 1:
-            for name, path, start, files in tasks:
-                add(name, _decode_chunk(path, start, files, size, mode))
+        if workers <= 1 or total_images <= chunk:
+            for name, path, offset, start, files in tasks():
+                add(name, _decode_chunk(path, offset, start, files, size, mode))
                 bar.update(len(files))
+            _fsync_files(path for path, _ in outputs.values())
             return stats
+        pending = tasks()
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {
-                pool.submit(_decode_chunk, path, start, files, size, mode): (name, len(files))
-                for name, path, start, files in tasks
-            }
+            # A bounded window of chunks in flight: memory stays flat however many images.
+            running: dict = {}
+
+            def submit_next() -> None:
+                for name, path, offset, start, files in itertools.islice(pending, 1):
+                    future = pool.submit(_decode_chunk, path, offset, start, files, size, mode)
+                    running[future] = (name, len(files))
+
+            for _ in range(workers * 3):
+                submit_next()
             try:
-                for future in as_completed(futures):
-                    name, count = futures[future]
-                    add(name, future.result())
-                    bar.update(count)
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        name, count = running.pop(future)
+                        add(name, future.result())
+                        bar.update(count)
+                        submit_next()
             except BaseException:
-                for future in futures:
+                for future in running:
                     future.cancel()
                 raise
+    _fsync_files(path for path, _ in outputs.values())
     return stats
+
+
+def _fsync_files(paths: Iterable[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def process_dataset(
@@ -405,16 +466,16 @@ def process_dataset(
     Returns the metadata written to ``metadata.json``.
     """
     splits = read_raw_dataset(raw_data_dir_path)
-    classes = _sort_labels(set(splits["train"].labels))
+    classes = _sort_labels(set(splits["train"].label_names))
     index = {label: i for i, label in enumerate(classes)}
-    reference = _open_image(Path(splits["train"].files[0]))
+    reference = _open_image(Path(splits["train"].path(0)))
     size, mode = reference.size, reference.mode
     channels = 1 if mode == "L" else 3
     workers = num_workers if num_workers > 0 else available_cpus()
     log.info(
         "processing %s: %s, %d classes, %dx%d %s, %d workers",
         raw_data_dir_path,
-        ", ".join(f"{s.name}={len(s.files)}" for s in splits.values()),
+        ", ".join(f"{s.name}={len(s)}" for s in splits.values()),
         len(classes),
         size[0],
         size[1],
@@ -426,17 +487,24 @@ def process_dataset(
     with atomic_dir(processed_data_dir_path) as tmp:
         stats = _decode_all(splits, tmp, size, mode, workers)
         for name, split in splits.items():
-            labels = np.array([index[label] for label in split.labels], dtype=np.int64)
-            np.save(tmp / f"{name}_labels.npy", labels)
-            counts = Counter(split.labels)
+            to_class = np.array([index[label] for label in split.label_names], dtype=np.int64)
+            codes = np.frombuffer(split.codes, dtype=np.intc)
+            np.save(tmp / f"{name}_labels.npy", to_class[codes])
+            counts = dict(
+                zip(
+                    split.label_names,
+                    np.bincount(codes, minlength=len(split.label_names)),
+                    strict=True,
+                )
+            )
             meta_splits[name] = {
-                "count": len(split.files),
+                "count": len(split),
                 "images": f"{name}_images.npy",
                 "labels": f"{name}_labels.npy",
-                "class_counts": {label: counts.get(label, 0) for label in classes},
+                "class_counts": {label: int(counts.get(label, 0)) for label in classes},
             }
         total, total_sq = stats["train"]
-        pixels = len(splits["train"].files) * size[0] * size[1]
+        pixels = len(splits["train"]) * size[0] * size[1]
         mean = total / pixels / 255.0
         var = np.maximum(total_sq / pixels / 255.0**2 - mean**2, 0.0)
         std = np.maximum(np.sqrt(var), 1e-6)  # a constant channel must not divide by zero
