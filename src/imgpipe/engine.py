@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,9 +76,12 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
         yield order[start : start + batch_size]
 
 
-def autocast(device: torch.device, bf16: bool) -> torch.autocast:
-    """bfloat16 autocast when asked (matmuls and convolutions in bf16, reductions in float32)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast when asked (matmuls and convolutions in bf16, reductions in float32);
+    off, not even a disabled autocast context is entered per batch."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def train_one_epoch(
