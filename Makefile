@@ -174,7 +174,7 @@ params: $(SETUP) ## Regenerate params.yaml from conf/ (conf/ is the source of tr
 run: data params ## Run the pipeline: process_data -> train -> sweep (dvc repro)
 	$(BIN)/dvc repro
 
-process-data: $(SETUP) ## Stage: raw images -> data/processed (values from params.yaml)
+process-data: $(SETUP) ## Stage: raw images -> data/processed (values from params.yaml) [RUNTIME=docker|podman|local]
 	@$(STAGE_CHECK)
 	$(call stage,process_data.py) $(ARGS)
 
@@ -225,7 +225,7 @@ format: $(SETUP) ## Format the code with ruff
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-mlflow-server: $(SETUP) ## MLflow tracking server on the project's store, http://$(MLFLOW_HOST):$(MLFLOW_PORT)
+mlflow-server: $(SETUP) ## MLflow server on the project's store, 127.0.0.1:5000 (MLFLOW_HOST, MLFLOW_PORT); in the image when built
 	@mkdir -p mlruns
 	@$(SERVER_CHECK)
 	$(SERVER_CMD) --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \

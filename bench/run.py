@@ -540,7 +540,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite RESULTS.md from results.json and NOTES.md (after editing the notes)",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads((args.out / "results.json").read_text())
+        table = [(r["measure"], r["value"], r["target"], r["status"]) for r in results["rows"]]
+        write_markdown(results, table, args.out / "RESULTS.md")
+        return 0
     if args.smoke:
         args.images, args.size, args.train_images, args.naive_images, args.trials = (
             600,
