@@ -199,6 +199,10 @@ def caller() -> pwd.struct_passwd:
     return pwd.getpwnam(name)
 
 
+def experiment_id(client) -> str:
+    return client.get_experiment_by_name("image-classification").experiment_id
+
+
 def shared_dir(prefix: str) -> Path:
     """A folder another user can reach (pytest's own tmp folders are private to this one)."""
     path = Path(
@@ -300,6 +304,24 @@ def test_dvc_repro_runs_every_stage_in_the_image_as_the_caller(
         train_runs[0].info.run_id, "metadata.json", str(tmp_path)
     )
     assert json.loads(Path(local_copy).read_text())["classes"] == [str(i) for i in range(10)]
+
+    # An experiment in a temp copy (`dvc exp run --temp`): the container still reaches the
+    # project's store, because the whole repository is mounted at its own path.
+    experiment = as_caller(
+        caller,
+        [str(VENV / "bin" / "dvc"), "exp", "run", "--temp", "-S", "lr=1.4", "train"],
+        project,
+        home,
+        RUNTIME="docker",
+    )
+    output = experiment.stdout + experiment.stderr
+    assert experiment.returncode == 0, output[-4000:]
+    assert "runtime: docker (imgpipe:cpu)" in output
+    runs = client.search_runs([experiment_id(client)])
+    lrs = sorted(r.data.params["lr"] for r in runs if r.data.tags.get("mlflow.runName") == "train")
+    assert lrs == ["1.0", "1.4"], lrs
+    foreign = [p for p in project.rglob("*") if p.lstat().st_uid != caller.pw_uid]
+    assert not foreign, foreign[:5]
 
 
 @pytest.mark.slow
