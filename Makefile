@@ -37,7 +37,7 @@ IMAGE_NAME ?= imgpipe
 REGISTRY ?=
 BASE_IMAGE ?=
 TORCH_INDEX_URL ?=
-VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+VERSION = $(eval VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml))$(VERSION)
 ifneq ($(filter-out docker podman local,$(RUNTIME)),)
 $(error RUNTIME=$(RUNTIME) is not one of docker, podman, local)
 endif
@@ -50,9 +50,9 @@ DOCKERFILE := docker/$(IMAGE_NAME)-$(if $(GPU),gpu,cpu).Dockerfile
 
 # ---- containers -------------------------------------------------------------------------
 GIT_SHA = $(eval GIT_SHA := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown))$(GIT_SHA)
-CALLER := $(shell id -u):$(shell id -g)
-# getpass (DVC, MLflow's user tag) needs a name for a uid the image's passwd lacks
-CALLER_ENV := --env HOME=/tmp --env USER=$(shell id -un) --env LOGNAME=$(shell id -un)
+# Evaluated once, and only by the targets that start containers (not by `make params`).
+CALLER = $(eval CALLER := $(shell echo "$$(id -u):$$(id -g)"))$(CALLER)
+CALLER_NAME = $(eval CALLER_NAME := $(shell id -un))$(CALLER_NAME)
 MLFLOW_IMAGE ?= $(IMAGE)
 # Names passed into containers; their values never appear on a command line or in a log.
 CONTAINER_ENV ?= MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD \
@@ -108,8 +108,12 @@ USERNS = $(if $(filter podman,$(1)),$(shell $(PODMAN) info --format '{{.Host.Sec
 # the artifact locations it records) is the same inside and outside; under `dvc exp run
 # --temp` the whole repository is, so the store in $$DVC_ROOT/mlruns stays reachable.
 MOUNT = $(or $(DVC_ROOT),$(CURDIR))
-container_run = $(call engine_bin,$(1)) run --rm --init --user $(CALLER) $(call USERNS,$(1)) \
-  --volume $(MOUNT):$(MOUNT) --workdir $(CURDIR) $(CALLER_ENV) --env PYTHONPATH=$(CURDIR)/src \
+# $(call container,ENGINE): `run` as the caller, for stages and the tracking server alike.
+# getpass (DVC, MLflow) needs a user name, which the image's passwd lacks for the caller's uid.
+container = $(call engine_bin,$(1)) run --rm --init --user $(CALLER) $(call USERNS,$(1)) \
+  --env HOME=/tmp --env USER=$(CALLER_NAME) --env LOGNAME=$(CALLER_NAME)
+container_run = $(call container,$(1)) \
+  --volume $(MOUNT):$(MOUNT) --workdir $(CURDIR) --env PYTHONPATH=$(CURDIR)/src \
   $(foreach var,$(CONTAINER_ENV),--env $(var)) $(if $(NETWORK),--network $(NETWORK))
 # $(call stage,SCRIPT[,gpu]): an entry point with its values from params.yaml, in the image or in $(VENV)
 stage = $(strip $(if $(filter docker podman,$(STAGE_CHOICE)),$(call container_run,$(STAGE_CHOICE)) \
@@ -119,8 +123,8 @@ stage = $(strip $(if $(filter docker podman,$(STAGE_CHOICE)),$(call container_ru
 # The tracking server: in the image (it holds the same MLflow as the code) or from $(VENV).
 SERVER_RUNTIME = $(firstword $(SERVER_CHOICE))
 SERVER_CHECK = $(call container_checks,$(SERVER_CHOICE),$(MLFLOW_IMAGE))
-SERVER_CMD = $(if $(filter docker podman,$(SERVER_RUNTIME)),$(call engine_bin,$(SERVER_RUNTIME)) run --rm --init \
-  --user $(CALLER) $(call USERNS,$(SERVER_RUNTIME)) --volume $(CURDIR)/mlruns:$(CURDIR)/mlruns $(CALLER_ENV) \
+SERVER_CMD = $(if $(filter docker podman,$(SERVER_RUNTIME)),$(call container,$(SERVER_RUNTIME)) \
+  --volume $(CURDIR)/mlruns:$(CURDIR)/mlruns \
   --env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false --publish $(MLFLOW_HOST):$(MLFLOW_PORT):5000 \
   --name $(IMAGE_NAME)-mlflow-$(MLFLOW_PORT) $(MLFLOW_IMAGE) mlflow server,\
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(BIN)/mlflow server)

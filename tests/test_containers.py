@@ -212,8 +212,10 @@ def shared_dir(prefix: str) -> Path:
     return path
 
 
-def as_caller(user: pwd.struct_passwd, cmd: list[str], cwd: Path, home: Path, **env: str):
-    """Run ``cmd`` as ``user`` (with their groups) in a project copy, as they would."""
+def caller_command(
+    user: pwd.struct_passwd, cmd: list[str], home: Path, **env: str
+) -> tuple[list[str], dict[str, str]]:
+    """``cmd`` and its environment as ``user`` (with their groups) would run it."""
     prefix = (
         []
         if user.pw_uid == UID
@@ -222,8 +224,14 @@ def as_caller(user: pwd.struct_passwd, cmd: list[str], cwd: Path, home: Path, **
     full_env = project_env(
         {"HOME": str(home), "USER": user.pw_name, "LOGNAME": user.pw_name, **env}
     )
+    return prefix + cmd, full_env
+
+
+def as_caller(user: pwd.struct_passwd, cmd: list[str], cwd: Path, home: Path, **env: str):
+    """Run ``cmd`` as ``user`` in a project copy, as they would."""
+    full_cmd, full_env = caller_command(user, cmd, home, **env)
     return subprocess.run(
-        prefix + cmd,
+        full_cmd,
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -409,24 +417,11 @@ def test_mlflow_server_in_the_image_serves_the_project_store_on_loopback(
 ) -> None:
     project, home = workspace
     port = free_port()
-    env = project_env(
-        {"HOME": str(home), "USER": caller.pw_name, "RUNTIME": "docker", "MLFLOW_PORT": str(port)}
-    )
-    prefix = (
-        []
-        if caller.pw_uid == UID
-        else [
-            "setpriv",
-            f"--reuid={caller.pw_uid}",
-            f"--regid={caller.pw_gid}",
-            "--init-groups",
-            "--",
-        ]
+    cmd, env = caller_command(
+        caller, ["make", "mlflow-server"], home, RUNTIME="docker", MLFLOW_PORT=str(port)
     )
     log = open(home / "server.log", "w")  # noqa: SIM115 - closed below, after the process
-    server = subprocess.Popen(
-        [*prefix, "make", "mlflow-server"], cwd=project, env=env, stdout=log, stderr=log
-    )
+    server = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=log)
     name = f"imgpipe-mlflow-{port}"
     try:
         deadline = time.monotonic() + 120
