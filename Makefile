@@ -25,6 +25,11 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
+# One server worker: with several, uvicorn (before the fix of its issue #3149) leaves
+# Nagle's algorithm on for the connections, and each request on a kept-alive connection
+# then waits about 40 ms for a delayed ACK; one worker answers in about 2 ms
+# (bench/RESULTS.md). Raise it only for many concurrent clients.
+MLFLOW_WORKERS ?= 1
 
 # Containers. RUNTIME: docker | podman | local; unset, a stage runs in the image when an
 # engine answers and the image is built, else locally (the choice is printed).
@@ -233,7 +238,7 @@ mlflow-server: $(SETUP) ## MLflow server on the project's store, 127.0.0.1:5000 
 	@mkdir -p mlruns
 	@$(SERVER_CHECK)
 	$(SERVER_CMD) --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts --workers 1 \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts --workers $(MLFLOW_WORKERS) \
 	  --host $(if $(filter local,$(SERVER_RUNTIME)),$(MLFLOW_HOST) --port $(MLFLOW_PORT),0.0.0.0 --port 5000)
 
 mlflow-ui: mlflow-server ## Alias of mlflow-server

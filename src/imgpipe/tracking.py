@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -11,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from imgpipe.errors import PipelineError
@@ -118,6 +119,25 @@ def run_tags() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- Tracker
 
+_Method = TypeVar("_Method", bound=Any)
+
+
+def _blocking(method: _Method) -> _Method:
+    """Count the wall time the training thread spends in this call (outermost call only)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+        self._depth += 1
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.blocking_s += time.perf_counter() - start
+
+    return wrapper  # type: ignore[return-value]
+
 
 class Tracker:
     """MLflow (optional) and dvclive (always) behind one small typed interface.
@@ -167,7 +187,13 @@ class Tracker:
         # On resume: steps MLflow already holds per metric, so no epoch is logged twice.
         self._logged_steps: dict[str, set[int]] = {}
         self._metric_names = tuple(metric_names)
+        # What tracking costs the run: seconds the training thread waited in tracking calls,
+        # and CPU seconds the start-up thread used while the first epoch trained.
+        self.blocking_s = 0.0
+        self.background_cpu_s = 0.0
+        self._depth = 0
 
+    @_blocking
     def __enter__(self) -> Tracker:
         if self.mlflow_enabled:
             self._starter = threading.Thread(
@@ -177,10 +203,13 @@ class Tracker:
         return self
 
     def _start_guarded(self) -> None:
+        cpu = time.thread_time()
         try:
             self._start_mlflow()
         except BaseException as exc:  # re-raised in the training thread by wait()
             self._start_error = exc
+        finally:
+            self.background_cpu_s += time.thread_time() - cpu
 
     def _start_mlflow(self) -> None:
         import mlflow
@@ -220,6 +249,7 @@ class Tracker:
             redact_url(self.tracking_uri),
         )
 
+    @_blocking
     def wait(self) -> str | None:
         """Block until the MLflow run exists (re-raising what stopped it); return its id."""
         if self._starter is not None:
@@ -238,6 +268,7 @@ class Tracker:
         return self.run_id
 
     @property
+    @_blocking
     def live(self) -> Any:
         if self._live is None:
             from dvclive import Live
@@ -265,6 +296,7 @@ class Tracker:
             history = self._client.get_metric_history(run_id, name)
             self._logged_steps[name] = {m.step for m in history}
 
+    @_blocking
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
         """Write already-completed epochs into dvclive (MLflow holds them already)."""
         for entry in history:
@@ -274,6 +306,7 @@ class Tracker:
         if history:
             self.live.make_summary()
 
+    @_blocking
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -300,6 +333,7 @@ class Tracker:
         elif self.run_id and self._client is not None:
             self._client.set_terminated(self.run_id, status=status)
 
+    @_blocking
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.mlflow_enabled:
             from mlflow.entities import RunTag
@@ -307,6 +341,7 @@ class Tracker:
             self.wait()
             self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
+    @_blocking
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         """Log one epoch: a single MLflow batch request, and the dvclive step."""
         if self.mlflow_enabled:
@@ -328,11 +363,13 @@ class Tracker:
             self.live.log_metric(name, value)
         self.live.make_summary()
 
+    @_blocking
     def log_confusion_matrix(self, actual: Sequence[str], predicted: Sequence[str]) -> None:
         self.live.log_sklearn_plot(
             "confusion_matrix", list(actual), list(predicted), name="confusion_matrix.json"
         )
 
+    @_blocking
     def log_model(self, model: Any, example: Any) -> None:
         """Log the trained model as an MLflow model (loadable with mlflow.pytorch.load_model)."""
         if not self.mlflow_enabled:
