@@ -46,8 +46,12 @@ def test_same_seed_gives_identical_models_and_metrics(cfg: TrainConfig, tmp_path
 
 
 def test_outputs_checkpoint_and_dvclive(cfg: TrainConfig, tmp_path: Path) -> None:
-    loss, accuracy = train(cfg)
+    timings: dict[str, float] = {}
+    loss, accuracy = train(cfg, timings=timings)
     assert 0.8 < accuracy <= 1.0 and loss > 0
+    # MLflow off: dvclive alone, on the training thread; no start-up thread at all.
+    assert 0 < timings["tracking_s"] < timings["total_s"]
+    assert timings["tracking_background_cpu_s"] == 0
 
     state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
     assert state["epoch"] == 3 and state["global_step"] == 3 * -(-1438 // cfg.train_bs)
@@ -75,7 +79,11 @@ def test_mlflow_run_has_params_history_tags_and_model(
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_HPTUNING_TAG", "1732700000")
-    _, accuracy = train(replace(cfg, setup_mlflow=True, mlflow_run_name="unit"))
+    timings: dict[str, float] = {}
+    _, accuracy = train(replace(cfg, setup_mlflow=True, mlflow_run_name="unit"), timings=timings)
+    # What tracking cost the run is counted: the run was created on the start-up thread.
+    assert 0 < timings["tracking_s"] < timings["total_s"]
+    assert timings["tracking_background_cpu_s"] > 0
 
     client = MlflowClient(cfg.mlflow_tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow_exp_name).experiment_id])
