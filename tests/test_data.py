@@ -95,6 +95,27 @@ def test_rgb_non_square_images_with_named_labels(tmp_path: Path) -> None:
     assert len(meta["normalization"]["mean"]) == 3
 
 
+def test_other_encodings_decode_like_pillow(small_raw: Path, tmp_path: Path) -> None:
+    """PNGs of the dataset's mode take a fast path; anything else Pillow reads (a 1-bit
+    PNG, a BMP behind a .png name, a .bmp file) still decodes to Pillow's own pixels."""
+    rows = (small_raw / "train.csv").read_text().splitlines()
+    one_bit, disguised, bmp = (small_raw / rows[i].split(",")[0] for i in (1, 2, 3))
+    Image.open(one_bit).convert("1").save(one_bit)
+    Image.open(disguised).save(disguised, format="BMP")
+    renamed = bmp.with_suffix(".bmp")
+    Image.open(bmp).save(renamed)
+    bmp.unlink()
+    rows[3] = rows[3].replace(".png", ".bmp")
+    (small_raw / "train.csv").write_text("\n".join(rows) + "\n")
+
+    process_dataset(small_raw, tmp_path / "processed", num_workers=2)
+    images = load_processed(tmp_path / "processed").train.images
+    for i, row in enumerate(rows[1:]):
+        with Image.open(small_raw / row.split(",")[0]) as im:
+            expected = np.asarray(im.convert("L"))
+        np.testing.assert_array_equal(images[i][..., 0], expected, err_msg=row)
+
+
 def test_process_data_cli_writes_output(small_raw: Path, tmp_path: Path) -> None:
     out = tmp_path / "processed"
     result = run_script(
