@@ -25,10 +25,10 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
-# One server worker: with several, uvicorn (before the fix of its issue #3149) leaves
-# Nagle's algorithm on for the connections, and each request on a kept-alive connection
-# then waits about 40 ms for a delayed ACK; one worker answers in about 2 ms
-# (bench/RESULTS.md). Raise it only for many concurrent clients.
+# One server worker (it serves requests on threads): with several, uvicorn leaves
+# Nagle's algorithm on for the connections on Linux (its issue #3149, open as of 0.54),
+# and each request on a kept-alive connection waits about 40 ms for a delayed ACK; one
+# worker answers in 2-7 ms (bench/RESULTS.md).
 MLFLOW_WORKERS ?= 1
 
 # Containers. RUNTIME: docker | podman | local; unset, a stage runs in the image when an

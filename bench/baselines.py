@@ -3,7 +3,7 @@
 - ``naive_process``: the upstream's processing, one process, per image: PIL open,
   a torch transform, one saved file per image.
 - ``decode_limit``: a tight loop decoding the same PNG files on all cores, no other work,
-  with the fastest decode Pillow offers.
+  with the pipeline's fast path (Pillow's PNG decoder opened directly).
 - ``bare_training``: a plain PyTorch loop over the same in-memory tensors and model.
 - ``per_item_training``: the upstream's per-item PNG Dataset + DataLoader.
 """
@@ -34,7 +34,7 @@ def naive_process(files: list[Path], labels: list[int], out_dir: Path) -> float:
 
 
 def _decode(names: list[str]) -> int:
-    # The fastest decode Pillow offers: its PNG decoder opened directly, pixels as bytes
+    # The pipeline's fast path: Pillow's PNG decoder opened directly, pixels as bytes
     # (Image.open's format probing and np.asarray add about a fifth per 28x28 image).
     for name in names:
         with PngImagePlugin.PngImageFile(name) as im:

@@ -336,6 +336,8 @@ def bench_tracking(work: Path, data: Path, epochs: int, batch: int, repeats: int
     from imgpipe.train import train
 
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in TRACKING_MODES}
+    # Both servers stay up for every mode, so each shares the machine with the same idle
+    # processes.
     with mlflow_server(work, workers=1) as one, mlflow_server(work) as default:
         urls = {"server": one, "server-default": default}
         out: dict[str, float] = {

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import error_lines, free_port, run_script
-from imgpipe.tracking import redact_url, resolve_tracking_uri
+from imgpipe.tracking import Tracker, redact_url, resolve_tracking_uri
 
 
 @pytest.mark.parametrize(
@@ -82,3 +83,23 @@ def test_unreachable_server_stops_before_training_and_hides_the_password(
     assert "s3cret" not in result.stderr + result.stdout
     assert "s3cret" not in "".join(p.read_text() for p in (tmp_path / "logs").glob("*"))
     assert not (tmp_path / "models").exists() and not (tmp_path / "dvclive").exists()
+
+
+def test_tracking_time_counts_nested_calls_once(tmp_path: Path) -> None:
+    """The cost a run reports ("done in ... (tracking: ...)") is never more than the time
+    its tracking calls took: log_epoch opens dvclive inside, which must not count twice."""
+    with Tracker(
+        mlflow_enabled=False,
+        tracking_uri=None,
+        experiment_name="e",
+        run_name="r",
+        live_dir=tmp_path / "dvclive",
+    ) as tracker:
+        spent = 0.0
+        for epoch in (1, 2):
+            start = time.perf_counter()
+            tracker.log_epoch(epoch, {"train/loss": 1.0 / epoch})
+            spent += time.perf_counter() - start
+        assert 0 < tracker.blocking_s <= spent
+    assert (tmp_path / "dvclive" / "metrics.json").exists()
+    assert tracker.background_cpu_s == 0

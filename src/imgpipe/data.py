@@ -16,6 +16,7 @@ This module never imports torch: processing stays light and starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -315,28 +316,37 @@ def _open_image(path: Path):
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
 
 
-def _decode_pixels(path: str, size: tuple[int, int], mode: str) -> bytes:
-    """One image's pixel rows as bytes, checked against the dataset's size and mode.
+def _matching_pixels(path: str, size: tuple[int, int], mode: str) -> bytes | None:
+    """The pixel rows of an image already in the dataset's mode and size, else None.
 
-    A ``.png`` opens straight through Pillow's PNG decoder and its pixels come out with
-    ``tobytes``: ``Image.open``'s format probing and ``np.asarray``'s array interface cost
-    about a fifth of a 28x28 PNG's decode. Any other file, mode or size takes the general
-    path, which converts what it can and names what it cannot. ``path`` is a string:
-    Pillow opens a ``pathlib.Path`` about 7 us slower.
+    A ``.png`` opens straight through Pillow's PNG decoder (``Image.open``'s format
+    probing, and ``np.asarray``'s array interface after it, cost about a fifth of a
+    28x28 PNG's decode). Mode and size come from the header, before any pixel is read;
+    as only the dataset's size decodes here, Pillow's decompression-bomb check, which
+    the reference image passed, is not needed again. ``path`` is a string: Pillow opens
+    a ``pathlib.Path`` about 7 us slower.
     """
-    from PIL import PngImagePlugin, UnidentifiedImageError
+    from PIL import Image, PngImagePlugin
+
+    im = None
+    if path.lower().endswith(".png"):
+        with contextlib.suppress(SyntaxError):  # not a PNG inside: Image.open finds out
+            im = PngImagePlugin.PngImageFile(path)
+    if im is None:
+        im = Image.open(path)
+    with im:
+        return im.tobytes() if im.mode == mode and im.size == size else None
+
+
+def _decode_pixels(path: str, size: tuple[int, int], mode: str) -> bytes:
+    """One image's pixel rows as bytes, checked against the dataset's size and mode;
+    other modes are converted where they can be, and what cannot is named."""
+    from PIL import UnidentifiedImageError
 
     try:
-        if path[-4:].lower() == ".png":
-            try:
-                png = PngImagePlugin.PngImageFile(path)
-            except SyntaxError:  # not a PNG inside: the general path says what it is
-                png = None
-            if png is not None:
-                with png:
-                    # Header checks before decoding: no pixel of an odd image is read here.
-                    if png.mode == mode and png.size == size:
-                        return png.tobytes()
+        pixels = _matching_pixels(path, size, mode)
+        if pixels is not None:
+            return pixels
         im = _open_image(Path(path))
         if im.size != size:
             raise PipelineError(
@@ -368,8 +378,7 @@ def _decode_chunk(
         rows[i * step : (i + 1) * step] = _decode_pixels(name, size, mode)
     fd = os.open(out_path, os.O_WRONLY)
     try:
-        view = memoryview(block).cast("B")
-        position = offset + start * block[0].nbytes
+        view, position = rows, offset + start * step
         while view:  # pwrite may write less than asked
             written = os.pwrite(fd, view, position)
             view, position = view[written:], position + written

@@ -9,10 +9,10 @@ import re
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from imgpipe.errors import PipelineError
@@ -119,24 +119,26 @@ def run_tags() -> dict[str, str]:
 
 # --------------------------------------------------------------------------- Tracker
 
-_Method = TypeVar("_Method", bound=Any)
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
 def _blocking(method: _Method) -> _Method:
-    """Count the wall time the training thread spends in this call (outermost call only)."""
+    """Count the wall time the training thread spends in this call; a tracking call made
+    inside another (``log_epoch`` waiting for the run, opening dvclive) counts once."""
 
     @functools.wraps(method)
     def wrapper(self: Tracker, *args: Any, **kwargs: Any) -> Any:
+        if self._depth:
+            return method(self, *args, **kwargs)
         self._depth += 1
         start = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         finally:
             self._depth -= 1
-            if self._depth == 0:
-                self.blocking_s += time.perf_counter() - start
+            self.blocking_s += time.perf_counter() - start
 
-    return wrapper  # type: ignore[return-value]
+    return cast(_Method, wrapper)
 
 
 class Tracker:
@@ -187,8 +189,9 @@ class Tracker:
         # On resume: steps MLflow already holds per metric, so no epoch is logged twice.
         self._logged_steps: dict[str, set[int]] = {}
         self._metric_names = tuple(metric_names)
-        # What tracking costs the run: seconds the training thread waited in tracking calls,
-        # and CPU seconds the start-up thread used while the first epoch trained.
+        # What tracking costs the run: seconds the training thread spent in tracking calls,
+        # and CPU seconds the start-up thread used while the first epoch trained. Where the
+        # training thread waits for that thread, the two overlap: their sum is an upper bound.
         self.blocking_s = 0.0
         self.background_cpu_s = 0.0
         self._depth = 0
