@@ -40,9 +40,6 @@ class ProcessDataConfig:
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
 @dataclass
 class TrainConfig:
     lr: float = 1.0

@@ -27,7 +27,7 @@ import os
 import struct
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +338,10 @@ def _matching_pixels(path: str, size: tuple[int, int], mode: str) -> bytes | Non
         return im.tobytes() if im.mode == mode and im.size == size else None
 
 
+def _channels(mode: str) -> int:
+    return 1 if mode == "L" else 3
+
+
 def _decode_pixels(path: str, size: tuple[int, int], mode: str) -> bytes:
     """One image's pixel rows as bytes, checked against the dataset's size and mode;
     other modes are converted where they can be, and what cannot is named."""
@@ -365,12 +369,12 @@ def _decode_chunk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``files`` into rows ``start..`` of the ``.npy`` output, whose data begins at
     byte ``offset``: one positioned write per chunk (no memory map, so a worker's memory is
-    its chunk; the parent fsyncs each file once at the end).
+    its chunk; ``atomic_dir`` fsyncs each file once before the output is renamed into place).
 
     Returns per-channel sums and sums of squares for normalisation stats, so no
     pixel data travels back to the parent process.
     """
-    channels = 1 if mode == "L" else 3
+    channels = _channels(mode)
     block = np.empty((len(files), size[1], size[0], channels), dtype=np.uint8)
     rows = memoryview(block).cast("B")
     step = block[0].nbytes
@@ -407,7 +411,7 @@ def _decode_all(
     """
     from tqdm import tqdm
 
-    channels = 1 if mode == "L" else 3
+    channels = _channels(mode)
     total_images = sum(len(split) for split in splits.values())
     chunk = max(256, min(2048, math.ceil(total_images / (workers * 24))))
     outputs = {}
@@ -438,7 +442,6 @@ def _decode_all(
             for name, path, offset, start, files in tasks():
                 add(name, _decode_chunk(path, offset, start, files, size, mode))
                 bar.update(len(files))
-            _fsync_files(path for path, _ in outputs.values())
             return stats
         pending = tasks()
         with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -464,17 +467,7 @@ def _decode_all(
                 for future in running:
                     future.cancel()
                 raise
-    _fsync_files(path for path, _ in outputs.values())
     return stats
-
-
-def _fsync_files(paths: Iterable[str]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def process_dataset(
@@ -493,7 +486,7 @@ def process_dataset(
     index = {label: i for i, label in enumerate(classes)}
     reference = _open_image(Path(splits["train"].path(0)))
     size, mode = reference.size, reference.mode
-    channels = 1 if mode == "L" else 3
+    channels = _channels(mode)
     workers = num_workers if num_workers > 0 else available_cpus()
     log.info(
         "processing %s: %s, %d classes, %dx%d %s, %d workers",
