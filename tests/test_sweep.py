@@ -271,6 +271,69 @@ def postgres_or_skip() -> str:
     return POSTGRES_URL
 
 
+def test_machines_finishing_one_parent_run_at_once_all_succeed(
+    tmp_path: Path, mlflow_server: str
+) -> None:
+    """Every machine of a shared study records the same best trial on the same parent run
+    at about the same moment; none of them may fail on the others' writes."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from imgpipe.sweep import SweepSettings, _finish_parent
+
+    results = tmp_path / "results"
+    results.mkdir()
+    names = ("optimization_results.yaml", "best_params.yaml", "trials.csv", "pareto_front.png")
+    for name in names:
+        (results / name).write_text(name)
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"finish-{uuid.uuid4().hex[:8]}")
+    best = {
+        "trial": 5,
+        "params": {"lr": 1.2, "train_bs": 48},
+        "values": {"test/loss": 0.25, "test/acc": 0.9},
+        "mlflow_run_id": "abc",
+    }
+    machines = 4
+    for _ in range(5):  # the race needs the writes to meet; several parents make that likely
+        parent = client.create_run(experiment).info.run_id
+        settings = SweepSettings(
+            study_name="s",
+            storage="",
+            directions=["minimize", "maximize"],
+            n_trials=6,
+            n_jobs=1,
+            sampler={},
+            search_space={},
+            base={"mlflow_tracking_uri": mlflow_server},
+            results_dir=str(results),
+            study_dir=str(tmp_path),
+            parent_run_id=parent,
+        )
+        barrier = threading.Barrier(machines)
+
+        def finish(
+            settings: SweepSettings = settings, barrier: threading.Barrier = barrier
+        ) -> None:
+            barrier.wait()
+            _finish_parent(settings, best, "FINISHED", 1_700_000_000_000)
+
+        with ThreadPoolExecutor(machines) as pool:
+            for done in [pool.submit(finish) for _ in range(machines)]:
+                done.result()  # raises what that machine hit
+        run = client.get_run(parent)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["best_trial"] == "5"
+        assert run.data.tags["best_params.lr"] == "1.2"
+        assert run.data.metrics == {"best/loss": 0.25, "best/acc": 0.9}
+        # Identical writes leave one point per metric, not one per machine.
+        assert len(client.get_metric_history(parent, "best/loss")) == 1
+        artifacts = {a.path for a in client.list_artifacts(parent, "sweep")}
+        assert artifacts == {f"sweep/{name}" for name in names}
+
+
 def test_three_machines_share_one_study_through_postgresql(
     sample_processed: Path, tmp_path: Path, mlflow_server: str
 ) -> None:
@@ -327,6 +390,10 @@ def test_three_machines_share_one_study_through_postgresql(
         (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert {r.data.tags["trial_number"] for r in children} == {str(t.number) for t in complete}
+        # Every machine recorded the same best trial on the parent and ended it.
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["best_trial"] in {str(t.number) for t in complete}
+        assert len(client.get_metric_history(parent.info.run_id, "best/loss")) == 1
         assert len({r.data.tags["hptuning_tag"] for r in runs}) == 1
         everything = "".join(out + err for out, err in outputs)
         for root in tmp_path.glob("machine-*"):

@@ -739,19 +739,47 @@ def _parent_run(settings: SweepSettings, existing: str | None) -> str | None:
     return run.info.run_id
 
 
-def _finish_parent(settings: SweepSettings, best: dict[str, Any] | None, status: str) -> None:
+def _completed_ms(study: Any, best: dict[str, Any] | None) -> int:
+    """When the best trial completed, in ms since the epoch: the same on every machine."""
+    if best is None:
+        return 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number == best["trial"] and t.datetime_complete is not None:
+            return int(t.datetime_complete.timestamp() * 1000)
+    return 0
+
+
+def _finish_parent(
+    settings: SweepSettings, best: dict[str, Any] | None, status: str, best_at_ms: int = 0
+) -> None:
+    """Record the best trial on the parent run and end it.
+
+    Every machine of a shared study gets here once the study is done, at about the same
+    moment and with the same best trial, so the writes must be idempotent and tolerate each
+    other: the tags and metrics go in one ``log_batch`` (MLflow's store retries concurrent
+    tag inserts there, not in ``set_tag``) and the metrics carry the best trial's completion
+    time as their timestamp, so the machines write identical rows and the run keeps one.
+    """
     if not settings.parent_run_id:
         return
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
 
     client = MlflowClient(resolve_tracking_uri(settings.base["mlflow_tracking_uri"]))
     if best is not None:
-        client.set_tag(settings.parent_run_id, "best_trial", str(best["trial"]))
-        client.set_tag(settings.parent_run_id, "best_mlflow_run_id", best["mlflow_run_id"])
-        for key, value in best["params"].items():
-            client.set_tag(settings.parent_run_id, f"best_params.{key}", str(value))
-        for key, value in best["values"].items():
-            client.log_metric(settings.parent_run_id, f"best/{key.split('/')[-1]}", value)
+        tags = {
+            "best_trial": str(best["trial"]),
+            "best_mlflow_run_id": best["mlflow_run_id"],
+            **{f"best_params.{key}": str(value) for key, value in best["params"].items()},
+        }
+        client.log_batch(
+            settings.parent_run_id,
+            metrics=[
+                Metric(f"best/{key.split('/')[-1]}", value, best_at_ms, 0)
+                for key, value in best["values"].items()
+            ],
+            tags=[RunTag(key, value) for key, value in tags.items()],
+        )
         for name in (
             "optimization_results.yaml",
             "best_params.yaml",
@@ -793,7 +821,7 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
         status = "KILLED"
         raise
     finally:
-        _finish_parent(settings, best, status)
+        _finish_parent(settings, best, status, _completed_ms(study, best))
     failed = sum(1 for t in study.get_trials(deepcopy=False) if "failure" in t.user_attrs)
     log.info(
         "sweep done: best trial %d %s -> %s (%d failed); results in %s",
