@@ -76,7 +76,9 @@ def test_mlflow_run_has_params_history_tags_and_model(
     cfg: TrainConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
+    import numpy as np
     from mlflow import MlflowClient
+    from mlflow.models.utils import load_serving_example
 
     monkeypatch.setenv("MLFLOW_HPTUNING_TAG", "1732700000")
     timings: dict[str, float] = {}
@@ -96,9 +98,15 @@ def test_mlflow_run_has_params_history_tags_and_model(
     assert client.get_metric_history(run.info.run_id, "test/accuracy")[-1].value == accuracy
     state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
     assert state["mlflow_run_id"] == run.info.run_id
-    # The model is a real MLflow model that loads and predicts.
-    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    # The model is a real MLflow model that loads and predicts, as PyTorch and as served:
+    # pyfunc on the logged serving example (MLflow does not check it when logging).
+    uri = f"runs:/{run.info.run_id}/model"
+    model = mlflow.pytorch.load_model(uri)
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    example = np.asarray(json.loads(load_serving_example(uri))["inputs"], dtype=np.float32)
+    assert example.shape[1:] == (1, 8, 8)
+    predicted = mlflow.pyfunc.load_model(uri).predict(example)
+    assert predicted.shape == (len(example), 10)
     # Artifacts live beside the store, not in the current directory.
     assert (tmp_path / "store" / "artifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
