@@ -588,6 +588,30 @@ def machine() -> str:
     )
 
 
+def speed_reference() -> str:
+    """How fast this machine is on two fixed workloads, so runs on different machines can
+    be compared: the rows of absolute seconds (no-op repro, first step, the bench's own
+    time) scale with it, the ratio rows should not."""
+    import torch
+
+    def best(work) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    loop_s = best(lambda: sum(i * i for i in range(3_000_000)))
+    a = torch.randn(512, 512)
+    matmul_s = best(lambda: [a @ a for _ in range(50)])
+    gflops = 50 * 2 * 512**3 / matmul_s / 1e9
+    return (
+        f"speed reference: a 3M-step Python loop {loop_s:.2f}s on one core, "
+        f"float32 matmul {gflops:.0f} GFLOP/s on {torch.get_num_threads()} threads"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -642,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         generate(raw, args.images, args.size, cpus)
         results: dict = {
             "date": datetime.date.today().isoformat(),
-            "machine": machine(),
+            "machine": f"{machine()}; {speed_reference()}",
             "args": {k: v for k, v in vars(args).items() if k not in ("out", "keep")},
         }
         print("processing ...", flush=True)
