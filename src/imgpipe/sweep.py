@@ -740,7 +740,9 @@ def _parent_run(settings: SweepSettings, existing: str | None) -> str | None:
 
 
 def _completed_ms(study: Any, best: dict[str, Any] | None) -> int:
-    """When the best trial completed, in ms since the epoch: the same on every machine."""
+    """When the best trial completed, in ms since the epoch: the same on every machine of
+    one time zone (Optuna stores the writer's naive local time; read as local here, so the
+    parent run shows the right time; machines in other zones add their own point)."""
     if best is None:
         return 0
     for t in study.get_trials(deepcopy=False):
@@ -813,15 +815,17 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
     )
     status = "FAILED"
     best = None
+    best_at_ms = 0
     try:
         run_workers(settings)
         best = write_results(study, settings)
+        best_at_ms = _completed_ms(study, best)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        _finish_parent(settings, best, status, _completed_ms(study, best))
+        _finish_parent(settings, best, status, best_at_ms)
     failed = sum(1 for t in study.get_trials(deepcopy=False) if "failure" in t.user_attrs)
     log.info(
         "sweep done: best trial %d %s -> %s (%d failed); results in %s",

@@ -387,7 +387,8 @@ class Tracker:
         # Explicit requirements: inferring them imports and inspects the whole env (slow).
         # No serving-input validation: MLflow would load the model back and predict on the
         # example on every run (0.1-0.2 s, a third of what tracking costs a run); the
-        # project's tests load logged models through pyfunc and predict instead.
+        # project's tests load logged models through pyfunc and predict instead. (MLflow
+        # also hands this keyword to the flavor's save: "pt2" ignores it, "pickle" would not.)
         kwargs = {
             "name": "model",
             "input_example": example.cpu().numpy(),
