@@ -594,17 +594,9 @@ def speed_reference() -> str:
     time) scale with it, the ratio rows should not."""
     import torch
 
-    def best(work) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    loop_s = best(lambda: sum(i * i for i in range(3_000_000)))
+    loop_s = min(timed(sum, (i * i for i in range(3_000_000)))[0] for _ in range(3))
     a = torch.randn(512, 512)
-    matmul_s = best(lambda: [a @ a for _ in range(50)])
+    matmul_s = min(timed(lambda: [a @ a for _ in range(50)])[0] for _ in range(3))
     gflops = 50 * 2 * 512**3 / matmul_s / 1e9
     return (
         f"speed reference: a 3M-step Python loop {loop_s:.2f}s on one core, "

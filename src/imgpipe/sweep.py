@@ -752,7 +752,7 @@ def _completed_ms(study: Any, best: dict[str, Any] | None) -> int:
 
 
 def _finish_parent(
-    settings: SweepSettings, best: dict[str, Any] | None, status: str, best_at_ms: int = 0
+    settings: SweepSettings, best: dict[str, Any] | None, status: str, best_at_ms: int
 ) -> None:
     """Record the best trial on the parent run and end it.
 
