@@ -189,7 +189,7 @@ def test_bad_sweep_input_stops_before_the_first_trial(
 
 def test_changed_code_or_config_starts_a_new_study(monkeypatch: pytest.MonkeyPatch) -> None:
     """Re-running the same sweep continues its study; other code or values start afresh."""
-    import imgpipe.sweep as sweep
+    import imgpipe.sweep.settings as sweep
 
     def study_dir(*args: str) -> str:
         return sweep.load_settings("train_model", [], list(args)).study_dir
@@ -281,7 +281,8 @@ def test_machines_finishing_one_parent_run_at_once_all_succeed(
 
     from mlflow import MlflowClient
 
-    from imgpipe.sweep import SweepSettings, _finish_parent
+    from imgpipe.sweep.results import RESULT_FILES
+    from imgpipe.tracking.parent import finish_parent_run
 
     results = tmp_path / "results"
     results.mkdir()
@@ -299,26 +300,18 @@ def test_machines_finishing_one_parent_run_at_once_all_succeed(
     machines = 4
     for _ in range(5):  # the race needs the writes to meet; several parents make that likely
         parent = client.create_run(experiment).info.run_id
-        settings = SweepSettings(
-            study_name="s",
-            storage="",
-            directions=["minimize", "maximize"],
-            n_trials=6,
-            n_jobs=1,
-            sampler={},
-            search_space={},
-            base={"mlflow_tracking_uri": mlflow_server},
-            results_dir=str(results),
-            study_dir=str(tmp_path),
-            parent_run_id=parent,
-        )
         barrier = threading.Barrier(machines)
 
-        def finish(
-            settings: SweepSettings = settings, barrier: threading.Barrier = barrier
-        ) -> None:
+        def finish(parent: str = parent, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
-            _finish_parent(settings, best, "FINISHED", 1_700_000_000_000)
+            finish_parent_run(
+                mlflow_server,
+                parent,
+                best,
+                "FINISHED",
+                best_at_ms=1_700_000_000_000,
+                artifacts=[results / name for name in RESULT_FILES],
+            )
 
         with ThreadPoolExecutor(machines) as pool:
             for done in [pool.submit(finish) for _ in range(machines)]:

@@ -1,0 +1,98 @@
+"""Optuna sweeps configured by the ``hydra.sweeper`` block of conf/train_model.yaml.
+
+``python -u src/train_model.py --multirun`` (and ``make sweep``, the DVC stage)
+lands here. The config block, the search-space syntax (``range``, ``choice``,
+``interval``, ``tag(log, ...)``) and ``optimization_results.yaml`` are those of
+Hydra's Optuna sweeper, parsed with the sweeper's own functions. The loop is
+ours, because the sweeper's waits for the slowest trial of each batch, runs
+``n_jobs`` in one process, and counts ``n_trials`` per process:
+
+- every worker is a process with its share of the CPU threads, and takes the
+  next trial as soon as it finishes one;
+- the study lives in Optuna's storage (SQLite by default, PostgreSQL across
+  machines): it is the only coordinator. Workers anywhere stop when the study
+  holds ``n_trials`` finished trials in total;
+- a trial whose worker died is failed (at once when the process was on this
+  machine, after the heartbeat's grace period otherwise) and retried with the
+  same params, resuming its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from imgpipe.redact import redact_url
+from imgpipe.sweep.results import completed_ms, result_paths, write_results
+from imgpipe.sweep.settings import SweepSettings, load_settings
+from imgpipe.sweep.study import census, create_or_load_study, open_storage, prepare_study
+from imgpipe.sweep.worker import run_workers
+from imgpipe.tracking.parent import finish_parent_run
+
+__all__ = ["SweepSettings", "load_settings", "run_sweep"]
+
+log = logging.getLogger(__name__)
+# Heartbeats and retries are "experimental" in Optuna since 2.x; we rely on them on purpose.
+warnings.filterwarnings(
+    "ignore", message=r".*(is experimental \(supported from v|is an experimental feature)"
+)
+warnings.filterwarnings(
+    "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+)
+
+
+def run_sweep(settings: SweepSettings) -> dict[str, Any]:
+    """Open (or create) the study, run workers until it is done, write the results."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(settings.storage)
+    study, created = create_or_load_study(settings, storage)
+    prepare_study(settings, study, created)
+    log.info(
+        "sweep %r in %s: %d/%d trials finished, %d worker(s) x %d thread(s), hptuning_tag=%s",
+        settings.study_name,
+        redact_url(settings.storage),
+        census(study).finished,
+        settings.n_trials,
+        settings.n_jobs,
+        settings.threads_per_worker,
+        settings.hptuning_tag,
+    )
+    best = _run_and_finish(settings, study)
+    failed = sum(1 for t in study.get_trials(deepcopy=False) if "failure" in t.user_attrs)
+    log.info(
+        "sweep done: best trial %d %s -> %s (%d failed); results in %s",
+        best["trial"],
+        best["params"],
+        best["values"],
+        failed,
+        settings.results_dir,
+    )
+    return best
+
+
+def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:
+    """Run the workers and write the results; end the parent run however that went."""
+    status = "FAILED"
+    best = None
+    best_at_ms = 0
+    try:
+        run_workers(settings)
+        best = write_results(study, settings)
+        best_at_ms = completed_ms(study, best)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        finish_parent_run(
+            settings.base["mlflow_tracking_uri"],
+            settings.parent_run_id,
+            best,
+            status,
+            best_at_ms=best_at_ms,
+            artifacts=result_paths(settings),
+        )
+    return best

@@ -1,0 +1,233 @@
+"""The study in Optuna's storage: opening it, joining it, counting its trials, failing dead ones."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imgpipe.errors import PipelineError
+from imgpipe.redact import redact_text, redact_url
+from imgpipe.sweep.settings import OBJECTIVE_NAMES, SweepSettings
+from imgpipe.tracking.parent import open_parent_run
+from imgpipe.tracking.store import HPTUNING_TAG_ENV
+
+log = logging.getLogger(__package__)  # the sweep's lines read "imgpipe.sweep: ..."
+
+HEARTBEAT_S = 10
+READY_WAIT_S = 60
+GRACE_S = 40
+MAX_RETRY = 3  # how often a trial whose worker died is retried
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def open_storage(url: str):
+    """Optuna storage for ``url``: RDB with heartbeats (retrying dead workers' trials),
+    or a journal file for ``journal:PATH``."""
+    if url.startswith("journal:"):
+        return _journal_storage(Path(url.removeprefix("journal:")))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    last: Exception | None = None
+    for attempt in range(5):  # workers racing to create the tables: the losers retry
+        try:
+            return _rdb_storage(url)
+        except ImportError as exc:
+            raise PipelineError(
+                f"sweep storage {redact_url(url)}: database driver missing ({exc.name})"
+            ) from None
+        except Exception as exc:  # sqlalchemy raises many types for a bad or unreachable URL
+            last = exc
+            text = str(exc).lower()
+            if "already exists" in text or "locked" in text:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            break
+    reason = str(last).splitlines()[0] if last else "unknown error"
+    raise PipelineError(f"sweep storage {redact_url(url)} is unusable: {redact_text(reason, url)}")
+
+
+def _journal_storage(path: Path):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _rdb_storage(url: str):
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    engine_kwargs = (
+        {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    )
+    return RDBStorage(
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=HEARTBEAT_S,
+        grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+    )
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def create_or_load_study(settings: SweepSettings, storage: Any) -> tuple[Any, bool]:
+    """Create the study, or load it when it exists; True when this process created it.
+
+    ``create_study`` is atomic in the storage, so among workers racing on a new
+    study exactly one learns it is the creator.
+    """
+    import optuna
+
+    for attempt in range(5):
+        try:
+            study = optuna.create_study(
+                study_name=settings.study_name, storage=storage, directions=settings.directions
+            )
+            created = True
+            break
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=settings.study_name, storage=storage)
+            created = False
+            break
+        except Exception as exc:  # tables being created by a concurrent worker, a locked file
+            if attempt == 4:
+                reason = redact_text(str(exc).splitlines()[0], settings.storage)
+                raise PipelineError(
+                    f"cannot create or load study {settings.study_name!r} in "
+                    f"{redact_url(settings.storage)}: {reason}"
+                ) from None
+            time.sleep(0.3 * (attempt + 1))
+    existing = [d.name.lower() for d in study.directions]
+    if existing != settings.directions:
+        raise PipelineError(
+            f"study {settings.study_name!r} in {redact_url(settings.storage)} optimises "
+            f"{existing}, but hydra.sweeper.direction says {settings.directions}; "
+            "use another study_name or storage"
+        )
+    return study, created
+
+
+def prepare_study(settings: SweepSettings, study: Any, created: bool) -> None:
+    """The creator records the sweep's identity (config fingerprint, hptuning tag, MLflow
+    parent run) in the study; everyone else waits for it and joins."""
+    if not created:
+        deadline = time.monotonic() + READY_WAIT_S
+        while not study.user_attrs.get("ready") and time.monotonic() < deadline:
+            time.sleep(0.5)
+    attrs = study.user_attrs
+    if attrs.get("ready"):
+        if attrs.get("config_fingerprint") != settings.fingerprint:
+            raise PipelineError(
+                f"study {settings.study_name!r} in {redact_url(settings.storage)} was run with "
+                "another training config or search space; use another study_name (or the same config)"
+            )
+        settings.hptuning_tag = os.environ.get(HPTUNING_TAG_ENV) or attrs.get("hptuning_tag", "")
+        settings.parent_run_id = _parent_run(settings, attrs.get("mlflow_parent_run_id"))
+        return
+    # Ours, or a study made by hand (or by a creator that died before finishing): adopt it.
+    study.set_metric_names(list(OBJECTIVE_NAMES[: len(settings.directions)]))
+    study.set_user_attr("config_fingerprint", settings.fingerprint)
+    settings.hptuning_tag = os.environ.get(HPTUNING_TAG_ENV) or str(int(time.time()))
+    study.set_user_attr("hptuning_tag", settings.hptuning_tag)
+    settings.parent_run_id = _parent_run(settings, None)
+    study.set_user_attr("mlflow_parent_run_id", settings.parent_run_id)
+    study.set_user_attr("ready", True)
+
+
+def _parent_run(settings: SweepSettings, existing: str | None) -> str | None:
+    """The sweep's MLflow parent run (``existing`` when the store has it), or None without MLflow."""
+    if not settings.base["setup_mlflow"]:
+        return None
+    params = {
+        "n_trials": str(settings.n_trials),
+        "directions": ",".join(settings.directions),
+        "storage": redact_url(settings.storage),
+        **{f"space.{k}": v for k, v in settings.search_space.items()},
+    }
+    return open_parent_run(
+        settings.base["mlflow_tracking_uri"],
+        settings.base["mlflow_exp_name"],
+        settings.study_name,
+        hptuning_tag=settings.hptuning_tag,
+        params=params,
+        existing=existing,
+    )
+
+
+# --------------------------------------------------------------------------- trials
+
+
+@dataclass
+class Census:
+    finished: int
+    running: int
+    waiting: int
+
+
+def counts_towards_n_trials(trial: Any) -> bool:
+    """Complete, or failed for a reason of its own (a trial whose worker died is retried)."""
+    from optuna.trial import TrialState
+
+    return trial.state == TrialState.COMPLETE or (
+        trial.state == TrialState.FAIL and "failure" in trial.user_attrs
+    )
+
+
+def census(study) -> Census:
+    from optuna.trial import TrialState
+
+    finished = running = waiting = 0
+    for t in study.get_trials(deepcopy=False):
+        if counts_towards_n_trials(t):
+            finished += 1
+        elif t.state == TrialState.RUNNING:
+            running += 1
+        elif t.state == TrialState.WAITING:
+            waiting += 1
+    return Census(finished, running, waiting)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_local_trials(study) -> None:
+    """Fail (and retry) RUNNING trials whose worker process on this machine is gone.
+
+    Trials of other machines are failed by Optuna's heartbeat check instead,
+    once their heartbeat is older than the grace period.
+    """
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") != host or _pid_alive(int(t.user_attrs.get("pid", -1))):
+            continue
+        try:
+            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        log.warning(
+            "trial %d: its worker (pid %s) died; retrying it", t.number, t.user_attrs.get("pid")
+        )
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
+            study, study._storage.get_trial(t._trial_id)
+        )

@@ -1,0 +1,100 @@
+"""A sweep's MLflow parent run: opened once per study (or reused), finished with the best trial."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from imgpipe.redact import redact_url
+from imgpipe.tracking.store import (
+    check_tracking_uri,
+    ensure_experiment,
+    resolve_tracking_uri,
+    run_tags,
+)
+
+# The parent run is the sweep's: its lines read "imgpipe.sweep: ..." as the sweep's others do.
+log = logging.getLogger("imgpipe.sweep")
+
+
+def open_parent_run(
+    tracking_uri: str | None,
+    experiment: str,
+    study_name: str,
+    *,
+    hptuning_tag: str,
+    params: Mapping[str, str],
+    existing: str | None = None,
+) -> str:
+    """The parent run of ``study_name``: ``existing`` when this store has it, else a new one
+    in ``experiment`` carrying ``params`` (``tracking_uri`` as configured: None for the default)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    client = MlflowClient(uri)
+    if existing:
+        try:
+            client.get_run(existing)
+            return existing
+        except mlflow.exceptions.MlflowException:
+            log.warning(
+                "parent run %s of study %r is not in %s: starting a new one",
+                existing,
+                study_name,
+                redact_url(uri),
+            )
+    experiment_id = ensure_experiment(uri, experiment)
+    tags = run_tags() | {"hptuning_tag": hptuning_tag, "optuna_study": study_name}
+    run = client.create_run(experiment_id, tags=tags, run_name=f"sweep-{study_name}")
+    client.log_batch(
+        run.info.run_id,
+        params=[mlflow.entities.Param(key, value) for key, value in params.items()],
+    )
+    return run.info.run_id
+
+
+def finish_parent_run(
+    tracking_uri: str | None,
+    run_id: str | None,
+    best: dict[str, Any] | None,
+    status: str,
+    *,
+    best_at_ms: int,
+    artifacts: Sequence[str | Path],
+) -> None:
+    """Record the best trial (and the result files ``artifacts``) on the parent run; end it.
+
+    Every machine of a shared study gets here once the study is done, at about the same
+    moment and with the same best trial, so the writes must be idempotent and tolerate each
+    other: the tags and metrics go in one ``log_batch`` (MLflow's store retries concurrent
+    tag inserts there, not in ``set_tag``) and the metrics carry the best trial's completion
+    time ``best_at_ms`` as their timestamp, so the machines write identical rows and the run
+    keeps one.
+    """
+    if not run_id:
+        return
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    if best is not None:
+        tags = {
+            "best_trial": str(best["trial"]),
+            "best_mlflow_run_id": best["mlflow_run_id"],
+            **{f"best_params.{key}": str(value) for key, value in best["params"].items()},
+        }
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(f"best/{key.split('/')[-1]}", value, best_at_ms, 0)
+                for key, value in best["values"].items()
+            ],
+            tags=[RunTag(key, value) for key, value in tags.items()],
+        )
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), "sweep")
+    client.set_terminated(run_id, status=status)
