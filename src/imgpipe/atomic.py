@@ -68,8 +68,8 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
     try:
         yield tmp
-        # What was written inside reaches the disk before the rename makes it visible
-        # (about 0.25 ms a file here: 0.4 s for the 1,800-file sample export).
+        # What was written inside reaches the disk before the rename makes it visible:
+        # otherwise a crash could leave the new name pointing at empty files.
         for folder, _, names in os.walk(tmp):
             for name in names:
                 fsync_path(os.path.join(folder, name))

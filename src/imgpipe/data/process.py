@@ -1,0 +1,254 @@
+"""Processing: decode a validated raw dataset on all cores into the processed format.
+
+``process_dataset`` is the ``process_data`` stage. The pixels of every split go
+through one pool of worker processes, each writing its chunk of rows in place
+into the images file that ``processed.create_images`` made; the parent only
+hands out chunks and adds up the normalisation stats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+
+from imgpipe.atomic import atomic_dir
+from imgpipe.cpus import available_cpus
+from imgpipe.data import processed
+from imgpipe.data.raw import RawSplit, read_raw_dataset, sort_labels
+from imgpipe.errors import PipelineError
+
+# One logger name for the whole data stage, as its log lines have always carried.
+log = logging.getLogger("imgpipe.data")
+
+
+def _open_image(path: Path):
+    """Decode one image fully (truncation surfaces here) as mode L or RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in im.info):
+                raise PipelineError(f"{path}: image has an alpha channel; use grayscale or RGB")
+            if mode == "1":
+                return im.convert("L")
+            if mode == "P":
+                return im.convert("RGB")
+            if mode not in ("L", "RGB"):
+                raise PipelineError(
+                    f"{path}: unsupported image mode {mode!r}; use grayscale or RGB"
+                )
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def _matching_pixels(path: str, size: tuple[int, int], mode: str) -> bytes | None:
+    """The pixel rows of an image already in the dataset's mode and size, else None.
+
+    A ``.png`` opens straight through Pillow's PNG decoder: ``Image.open``'s format
+    probing, and ``np.asarray``'s array interface after it, are a sizeable share of a
+    small PNG's decode (bench/NOTES.md). Mode and size come from the header, before any
+    pixel is read; as only the dataset's size decodes here, Pillow's decompression-bomb
+    check, which the reference image passed, is not needed again. ``path`` is a string:
+    Pillow opens a ``pathlib.Path`` more slowly.
+    """
+    from PIL import Image, PngImagePlugin
+
+    im = None
+    if path.lower().endswith(".png"):
+        with contextlib.suppress(SyntaxError):  # not a PNG inside: Image.open finds out
+            im = PngImagePlugin.PngImageFile(path)
+    if im is None:
+        im = Image.open(path)
+    with im:
+        return im.tobytes() if im.mode == mode and im.size == size else None
+
+
+def _channels(mode: str) -> int:
+    return 1 if mode == "L" else 3
+
+
+def _decode_pixels(path: str, size: tuple[int, int], mode: str) -> bytes:
+    """One image's pixel rows as bytes, checked against the dataset's size and mode;
+    other modes are converted where they can be, and what cannot is named."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        pixels = _matching_pixels(path, size, mode)
+        if pixels is not None:
+            return pixels
+        im = _open_image(Path(path))
+        if im.size != size:
+            raise PipelineError(
+                f"{path}: image size {im.size[0]}x{im.size[1]} differs from the dataset's "
+                f"{size[0]}x{size[1]}"
+            )
+        if im.mode != mode:
+            raise PipelineError(f"{path}: image mode {im.mode} differs from the dataset's {mode}")
+        return im.tobytes()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def _decode_chunk(
+    out_path: str, offset: int, start: int, files: list[str], size: tuple[int, int], mode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``files`` into rows ``start..`` of the ``.npy`` output, whose data begins at
+    byte ``offset``: one positioned write per chunk (no memory map, so a worker's memory is
+    its chunk; ``atomic_dir`` fsyncs each file once before the output is renamed into place).
+
+    Returns per-channel sums and sums of squares for normalisation stats, so no
+    pixel data travels back to the parent process.
+    """
+    channels = _channels(mode)
+    block = np.empty((len(files), size[1], size[0], channels), dtype=np.uint8)
+    rows = memoryview(block).cast("B")
+    step = block[0].nbytes
+    for i, name in enumerate(files):
+        rows[i * step : (i + 1) * step] = _decode_pixels(name, size, mode)
+    fd = os.open(out_path, os.O_WRONLY)
+    try:
+        view, position = rows, offset + start * step
+        while view:  # pwrite may write less than asked
+            written = os.pwrite(fd, view, position)
+            view, position = view[written:], position + written
+    finally:
+        os.close(fd)
+    flat = block.reshape(-1, channels)
+    total = flat.sum(axis=0, dtype=np.float64)
+    total_sq = np.square(flat, dtype=np.uint32).sum(axis=0, dtype=np.float64)
+    return total, total_sq
+
+
+def _decode_all(
+    splits: dict[str, RawSplit], out_dir: Path, size: tuple[int, int], mode: str, workers: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Decode every split into its images file with one pool of ``workers`` processes.
+
+    Small chunks from all splits share one queue, so no core idles at a split's tail.
+    Returns per-split (sum, sum of squares) per channel.
+    """
+    from tqdm import tqdm
+
+    channels = _channels(mode)
+    total_images = sum(len(split) for split in splits.values())
+    chunk = max(256, min(2048, math.ceil(total_images / (workers * 24))))
+    outputs = {
+        name: processed.create_images(out_dir, name, (len(split), size[1], size[0], channels))
+        for name, split in splits.items()
+    }
+
+    def tasks() -> Iterator[tuple[str, str, int, int, list[str]]]:
+        # Paths are built chunk by chunk as work is handed out: never all at once.
+        for name, split in splits.items():
+            path, offset = outputs[name]
+            for start in range(0, len(split), chunk):
+                yield name, path, offset, start, split.paths(start, start + chunk)
+
+    stats = {name: (np.zeros(channels), np.zeros(channels)) for name in splits}
+
+    def add(name: str, result: tuple[np.ndarray, np.ndarray]) -> None:
+        stats[name][0][:] += result[0]
+        stats[name][1][:] += result[1]
+
+    with tqdm(total=total_images, unit="img", desc="decode", disable=None, leave=False) as bar:
+        if workers <= 1 or total_images <= chunk:
+            for name, path, offset, start, files in tasks():
+                add(name, _decode_chunk(path, offset, start, files, size, mode))
+                bar.update(len(files))
+            return stats
+        pending = tasks()
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            # A bounded window of chunks in flight: memory stays flat however many images.
+            running: dict = {}
+
+            def submit_next() -> None:
+                for name, path, offset, start, files in itertools.islice(pending, 1):
+                    future = pool.submit(_decode_chunk, path, offset, start, files, size, mode)
+                    running[future] = (name, len(files))
+
+            for _ in range(workers * 3):
+                submit_next()
+            try:
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        name, count = running.pop(future)
+                        add(name, future.result())
+                        bar.update(count)
+                        submit_next()
+            except BaseException:
+                for future in running:
+                    future.cancel()
+                raise
+    return stats
+
+
+def process_dataset(
+    raw_data_dir_path: str | os.PathLike[str],
+    processed_data_dir_path: str | os.PathLike[str],
+    num_workers: int = 0,
+) -> dict:
+    """Validate the raw dataset, decode it on all cores and write the processed arrays.
+
+    Everything is written into a temp directory that replaces the output only
+    when complete, so a failure leaves the previous output untouched.
+    Returns the metadata document written with it.
+    """
+    splits = read_raw_dataset(raw_data_dir_path)
+    classes = sort_labels(set(splits["train"].label_names))
+    index = {label: i for i, label in enumerate(classes)}
+    reference = _open_image(Path(splits["train"].path(0)))
+    size, mode = reference.size, reference.mode
+    channels = _channels(mode)
+    workers = num_workers if num_workers > 0 else available_cpus()
+    log.info(
+        "processing %s: %s, %d classes, %dx%d %s, %d workers",
+        raw_data_dir_path,
+        ", ".join(f"{s.name}={len(s)}" for s in splits.values()),
+        len(classes),
+        size[0],
+        size[1],
+        mode,
+        workers,
+    )
+
+    class_counts: dict[str, dict[str, int]] = {}
+    with atomic_dir(processed_data_dir_path) as tmp:
+        stats = _decode_all(splits, tmp, size, mode, workers)
+        for name, split in splits.items():
+            to_class = np.array([index[label] for label in split.label_names], dtype=np.int64)
+            codes = np.frombuffer(split.codes, dtype=np.intc)
+            processed.write_labels(tmp, name, to_class[codes])
+            class_counts[name] = dict(
+                zip(
+                    split.label_names,
+                    np.bincount(codes, minlength=len(split.label_names)),
+                    strict=True,
+                )
+            )
+        total, total_sq = stats["train"]
+        pixels = len(splits["train"]) * size[0] * size[1]
+        mean = total / pixels / 255.0
+        var = np.maximum(total_sq / pixels / 255.0**2 - mean**2, 0.0)
+        std = np.maximum(np.sqrt(var), 1e-6)  # a constant channel must not divide by zero
+        metadata = processed.build_metadata(
+            classes, (channels, size[1], size[0]), mode, class_counts, mean, std
+        )
+        processed.write_metadata(tmp, metadata)
+    log.info(
+        "wrote %s (%s)",
+        processed_data_dir_path,
+        ", ".join(f"{s.name}={len(s)}" for s in splits.values()),
+    )
+    return metadata

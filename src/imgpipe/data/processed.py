@@ -1,0 +1,191 @@
+"""The processed format: the only module that names its files and metadata keys.
+
+A processed directory (``data/processed``, what ``process_data`` writes and
+``train`` reads)::
+
+    <split>_images.npy    uint8, shape (N, H, W, C), memory-mappable
+    <split>_labels.npy    int64 class indices, shape (N,)
+    metadata.json         classes, image shape, counts, normalisation stats
+
+Writers create each split's images file (``create_images``) and fill its rows
+themselves, then write the labels (``write_labels``) and the metadata built by
+``build_metadata`` (``write_metadata``). Readers open it with ``load_processed``.
+``write_subset`` cuts a smaller dataset out of a processed one (the bench's).
+A change to the files or keys bumps ``FORMAT_VERSION``, so an old output is
+named as such instead of read wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgpipe.data.raw import REQUIRED_SPLITS
+from imgpipe.errors import PipelineError
+
+METADATA_FILE = "metadata.json"
+FORMAT_VERSION = 1
+
+
+def images_file(split: str) -> str:
+    return f"{split}_images.npy"
+
+
+def labels_file(split: str) -> str:
+    return f"{split}_labels.npy"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def create_images(out_dir: Path, split: str, shape: tuple[int, int, int, int]) -> tuple[str, int]:
+    """Create ``split``'s images file for ``shape`` (N, H, W, C), its rows not yet written.
+
+    Returns the file's path and the byte offset where its first row begins, so that
+    workers can write their rows in place without holding a memory map open.
+    """
+    path = out_dir / images_file(split)
+    # Creating the memory map writes the header and sizes the file.
+    header = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    offset = header.offset
+    del header
+    return str(path), offset
+
+
+def write_labels(out_dir: Path, split: str, labels: np.ndarray) -> None:
+    np.save(out_dir / labels_file(split), labels)
+
+
+def build_metadata(
+    classes: Sequence[str],
+    image_shape: Sequence[int],
+    mode: str,
+    class_counts: Mapping[str, Mapping[str, int]],
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict:
+    """The metadata document: ``image_shape`` is (C, H, W), ``class_counts`` maps each
+    split to its number of images per label (labels it lacks count 0)."""
+    splits = {}
+    for name, counts in class_counts.items():
+        per_class = {label: int(counts.get(label, 0)) for label in classes}
+        splits[name] = {
+            "count": sum(per_class.values()),
+            "images": images_file(name),
+            "labels": labels_file(name),
+            "class_counts": per_class,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "image_shape": list(image_shape),
+        "mode": mode,
+        "splits": splits,
+        "normalization": {
+            "mean": [round(float(m), 8) for m in mean],
+            "std": [round(float(s), 8) for s in std],
+        },
+    }
+
+
+def write_metadata(out_dir: Path, metadata: dict) -> None:
+    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, C), usually a read-only memory map
+    labels: np.ndarray  # int64 (N,)
+
+
+@dataclass(frozen=True)
+class ProcessedData:
+    classes: list[str]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Split
+    test: Split
+
+
+def _open(processed_dir: str | os.PathLike[str]) -> tuple[dict, ProcessedData]:
+    """The metadata document and the arrays it describes, checked against each other."""
+    root = Path(processed_dir)
+    meta_path = root / METADATA_FILE
+    if not meta_path.is_file():
+        raise PipelineError(
+            f"processed data not found: {meta_path} (run `make process-data` or `dvc repro`)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise PipelineError(
+                f"{meta_path}: format_version {meta.get('format_version')} is not "
+                f"{FORMAT_VERSION}; re-run process_data"
+            )
+        splits = {}
+        for name in REQUIRED_SPLITS:
+            entry = meta["splits"][name]
+            images = np.load(root / entry["images"], mmap_mode="r")
+            labels = np.load(root / entry["labels"], mmap_mode="r")
+            if len(images) != len(labels) or len(images) != entry["count"]:
+                raise PipelineError(
+                    f"{root}: {name} arrays disagree with {METADATA_FILE}; re-run process_data"
+                )
+            splits[name] = Split(images, labels)
+        data = ProcessedData(
+            classes=list(meta["classes"]),
+            image_shape=tuple(meta["image_shape"]),
+            mean=tuple(meta["normalization"]["mean"]),
+            std=tuple(meta["normalization"]["std"]),
+            train=splits["train"],
+            test=splits["test"],
+        )
+        return meta, data
+    except (KeyError, TypeError, json.JSONDecodeError, ValueError, OSError) as exc:
+        raise PipelineError(
+            f"{root}: processed data is incomplete or corrupt ({exc}); re-run process_data"
+        ) from exc
+
+
+def load_processed(processed_dir: str | os.PathLike[str]) -> ProcessedData:
+    """Open the processed arrays memory-mapped; nothing is read until used."""
+    return _open(processed_dir)[1]
+
+
+def write_subset(
+    processed_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    n_train: int,
+    n_test: int,
+) -> Path:
+    """Write a processed dataset of the first ``n_train``/``n_test`` images of each split.
+
+    The normalisation stats stay the whole training set's, so a model trained on
+    the subset sees its inputs scaled as on the whole.
+    """
+    meta, data = _open(processed_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    class_counts = {}
+    for name, split, n in (("train", data.train, n_train), ("test", data.test, n_test)):
+        np.save(out / images_file(name), split.images[:n])
+        write_labels(out, name, split.labels[:n])
+        per_class = np.bincount(split.labels[:n], minlength=len(data.classes))
+        class_counts[name] = dict(zip(data.classes, per_class, strict=True))
+    write_metadata(
+        out,
+        build_metadata(
+            data.classes, data.image_shape, meta["mode"], class_counts, data.mean, data.std
+        ),
+    )
+    return out

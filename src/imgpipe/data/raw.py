@@ -1,0 +1,174 @@
+"""The raw layout users bring: find its splits, read and validate their CSVs.
+
+Validation happens here, once, before any pixel is decoded: every error names
+the file and line at fault, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgpipe.errors import PipelineError
+
+# One logger name for the whole data stage, as its log lines have always carried.
+log = logging.getLogger("imgpipe.data")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+REQUIRED_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class RawSplit:
+    """One split's rows, stored compactly (a label code per row, not a string): a split
+    may list millions of images, and the parent process holds all of its rows.
+
+    Row ``i`` is the image ``<root>/<name>/<label_names[codes[i]]>/<files[i]>``.
+    """
+
+    name: str
+    root: str
+    label_names: list[str]  # distinct labels, in order of first appearance
+    codes: array  # per row: index into label_names
+    files: list[str]  # per row: the file name inside its class folder
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.name, self.label_names[self.codes[i]], self.files[i])
+
+    def paths(self, start: int, stop: int) -> list[str]:
+        folders = [os.path.join(self.root, self.name, label) for label in self.label_names]
+        return [
+            os.path.join(folders[code], name)
+            for code, name in zip(self.codes[start:stop], self.files[start:stop], strict=True)
+        ]
+
+
+def _scan_split(split_dir: Path) -> dict[str, set[str]]:
+    """Image file names per class folder of one split."""
+    found: dict[str, set[str]] = {}
+    if not split_dir.is_dir():
+        return found
+    with os.scandir(split_dir) as classes:
+        for entry in classes:
+            if entry.is_dir():
+                with os.scandir(entry.path) as images:
+                    found[entry.name] = {
+                        e.name for e in images if e.name.lower().endswith(IMAGE_SUFFIXES)
+                    }
+    return found
+
+
+def sort_labels(labels: set[str]) -> list[str]:
+    """Numeric labels in numeric order (2 before 10), anything else alphabetically."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
+    """Validate one split's CSV row by row as it streams in (no copy of the rows is kept).
+
+    One directory scan replaces a stat per row; each listed file is taken out of the scan's
+    sets, so what remains is the unlisted files and a second listing is a duplicate.
+    """
+    split = csv_path.stem
+    root = str(raw_dir)
+    on_disk = _scan_split(raw_dir / split)
+    empty_folders = [label for label, names in sorted(on_disk.items()) if not names]
+    label_code: dict[str, int] = {}
+    codes = array("i")
+    files: list[str] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            fields = [f.strip() for f in next(reader, [])]
+            if "filepath" not in fields or "label" not in fields:
+                raise PipelineError(
+                    f"{csv_path}: header must contain 'filepath,label' (found {','.join(fields)!r})"
+                )
+            at_path, at_label = fields.index("filepath"), fields.index("label")
+            width = max(at_path, at_label) + 1
+            for line, row in enumerate(reader, start=2):
+                rel, label = (
+                    (row[at_path].strip(), row[at_label].strip()) if len(row) >= width else ("", "")
+                )
+                if not rel or not label:
+                    raise PipelineError(f"{csv_path} line {line}: empty filepath or label")
+                parts = rel.split("/")
+                if rel.startswith("/") or ".." in parts:
+                    raise PipelineError(
+                        f"{csv_path} line {line}: filepath {rel!r} points outside {raw_dir}"
+                    )
+                if len(parts) != 3 or parts[0] != split:
+                    raise PipelineError(
+                        f"{csv_path} line {line}: filepath {rel!r} is not of the form "
+                        f"{split}/<label>/<file>"
+                    )
+                if parts[1] != label:
+                    raise PipelineError(
+                        f"{csv_path} line {line}: label {label!r} disagrees with its folder "
+                        f"{parts[0]}/{parts[1]}/"
+                    )
+                unlisted = on_disk.get(label)
+                name = parts[2]
+                if unlisted is None or name not in unlisted:
+                    path = os.path.join(root, rel)
+                    if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path):
+                        raise PipelineError(f"{csv_path} line {line}: duplicate filepath {rel!r}")
+                    raise PipelineError(f"{csv_path} line {line}: image file not found: {path}")
+                unlisted.remove(name)
+                code = label_code.setdefault(label, len(label_code))
+                codes.append(code)
+                files.append(name)
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{csv_path}: not a UTF-8 CSV file ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise PipelineError(f"{csv_path}: malformed CSV ({exc})") from exc
+    if not files:
+        raise PipelineError(f"{csv_path}: no rows; every split needs at least one image")
+
+    # A class folder with no images is almost always a failed copy: say so.
+    if empty_folders:
+        raise PipelineError(f"class folder {raw_dir / split / empty_folders[0]} has no images")
+    unlisted_count = sum(len(names) for names in on_disk.values())
+    if unlisted_count > 0:
+        log.warning(
+            "%d image(s) under %s are not listed in %s; ignored",
+            unlisted_count,
+            raw_dir / split,
+            csv_path,
+        )
+    return RawSplit(split, root, list(label_code), codes, files)
+
+
+def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
+    """Read and validate every ``<split>.csv`` in ``raw_dir``; train and test are required."""
+    raw = Path(raw_dir)
+    if not raw.is_dir():
+        raise PipelineError(f"raw data directory not found: {raw} (run `make data` for the sample)")
+    csvs = sorted(raw.glob("*.csv"))
+    if not csvs:
+        what = "is empty" if not any(raw.iterdir()) else "has no <split>.csv files"
+        raise PipelineError(f"raw data directory {raw} {what}: expected train.csv and test.csv")
+    names = {p.stem for p in csvs}
+    missing = [s for s in REQUIRED_SPLITS if s not in names]
+    if missing:
+        raise PipelineError(
+            f"raw data directory {raw}: missing {', '.join(s + '.csv' for s in missing)}"
+        )
+    splits = {p.stem: _read_split_csv(raw, p) for p in csvs}
+    train_classes = set(splits["train"].label_names)
+    for name, split in splits.items():
+        extra = set(split.label_names) - train_classes
+        if extra:
+            raise PipelineError(
+                f"{raw / (name + '.csv')}: label(s) {sorted(extra)} never appear in train.csv"
+            )
+    return splits
