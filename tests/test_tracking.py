@@ -88,13 +88,7 @@ def test_unreachable_server_stops_before_training_and_hides_the_password(
 def test_tracking_time_counts_nested_calls_once(tmp_path: Path) -> None:
     """The cost a run reports ("done in ... (tracking: ...)") is never more than the time
     its tracking calls took: log_epoch opens dvclive inside, which must not count twice."""
-    with Tracker(
-        mlflow_enabled=False,
-        tracking_uri=None,
-        experiment_name="e",
-        run_name="r",
-        live_dir=tmp_path / "dvclive",
-    ) as tracker:
+    with Tracker(tmp_path / "dvclive") as tracker:
         spent = 0.0
         for epoch in (1, 2):
             start = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.errors import PipelineError
+from imgpipe.testing import train_config
 from imgpipe.train import train
 
 
@@ -19,15 +20,7 @@ from imgpipe.train import train
 def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
     """A short run on the sample digits with every output under tmp_path."""
     monkeypatch.chdir(tmp_path)
-    return TrainConfig(
-        epochs=3,
-        data_dir_path=str(sample_processed),
-        model_checkpoint_dir_path=str(tmp_path / "models"),
-        live_dir_path=str(tmp_path / "dvclive"),
-        log_dir=str(tmp_path / "logs"),
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
-        setup_mlflow=False,
-    )
+    return train_config(sample_processed, tmp_path, epochs=3, setup_mlflow=False)
 
 
 def final_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
@@ -35,27 +28,27 @@ def final_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def test_same_seed_gives_identical_models_and_metrics(cfg: TrainConfig, tmp_path: Path) -> None:
-    first = train(cfg)
+    first = train(cfg).objectives
     weights = final_weights(cfg)
     again = replace(cfg, model_checkpoint_dir_path=str(tmp_path / "models2"))
-    assert train(again) == first
+    assert train(again).objectives == first
     for name, tensor in final_weights(again).items():
         assert torch.equal(tensor, weights[name]), name
     other = replace(cfg, seed=2, model_checkpoint_dir_path=str(tmp_path / "models3"))
-    assert train(other) != first
+    assert train(other).objectives != first
 
 
 def test_outputs_checkpoint_and_dvclive(cfg: TrainConfig, tmp_path: Path) -> None:
-    timings: dict[str, float] = {}
-    loss, accuracy = train(cfg, timings=timings)
+    result = train(cfg)
+    loss, accuracy, timings = result.test_loss, result.test_accuracy, result.timings
     assert 0.8 < accuracy <= 1.0 and loss > 0
     # MLflow off: dvclive alone, on the training thread; no start-up thread at all.
-    assert 0 < timings["tracking_s"] < timings["total_s"]
-    assert timings["tracking_background_cpu_s"] == 0
+    assert 0 < timings.tracking_s < timings.total_s
+    assert timings.tracking_background_cpu_s == 0
 
     state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
     assert state["epoch"] == 3 and state["global_step"] == 3 * -(-1438 // cfg.train_bs)
-    assert {"model", "optimizer", "scheduler", "rng", "history", "config_hash"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "rng", "history", "fingerprint"} <= set(state)
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     assert state["history"][-1]["metrics"]["test/accuracy"] == accuracy
 
@@ -81,11 +74,11 @@ def test_mlflow_run_has_params_history_tags_and_model(
     from mlflow.models.utils import load_serving_example
 
     monkeypatch.setenv("MLFLOW_HPTUNING_TAG", "1732700000")
-    timings: dict[str, float] = {}
-    _, accuracy = train(replace(cfg, setup_mlflow=True, mlflow_run_name="unit"), timings=timings)
+    result = train(replace(cfg, setup_mlflow=True, mlflow_run_name="unit"))
+    accuracy, timings = result.test_accuracy, result.timings
     # What tracking cost the run is counted: the run was created on the start-up thread.
-    assert 0 < timings["tracking_s"] < timings["total_s"]
-    assert timings["tracking_background_cpu_s"] > 0
+    assert 0 < timings.tracking_s < timings.total_s
+    assert timings.tracking_background_cpu_s > 0
 
     client = MlflowClient(cfg.mlflow_tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(cfg.mlflow_exp_name).experiment_id])
@@ -97,7 +90,7 @@ def test_mlflow_run_has_params_history_tags_and_model(
         assert sorted(m.step for m in history) == [1, 2, 3], name
     assert client.get_metric_history(run.info.run_id, "test/accuracy")[-1].value == accuracy
     state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
-    assert state["mlflow_run_id"] == run.info.run_id
+    assert state["mlflow_run_id"] == run.info.run_id == result.run_id
     # The model is a real MLflow model that loads and predicts, as PyTorch and as served:
     # pyfunc on the logged serving example (MLflow does not check it when logging).
     uri = f"runs:/{run.info.run_id}/model"
@@ -113,8 +106,10 @@ def test_mlflow_run_has_params_history_tags_and_model(
 
 def test_bf16_autocast_trains_to_a_usable_model(cfg: TrainConfig, tmp_path: Path) -> None:
     """bf16=true changes the arithmetic (so the numbers differ from float32) but still learns."""
-    plain = train(cfg)
-    loss, accuracy = train(replace(cfg, bf16=True, model_checkpoint_dir_path=str(tmp_path / "b")))
+    plain = train(cfg).objectives
+    loss, accuracy = train(
+        replace(cfg, bf16=True, model_checkpoint_dir_path=str(tmp_path / "b"))
+    ).objectives
     assert (loss, accuracy) != plain
     assert accuracy > 0.8
 
@@ -123,12 +118,12 @@ def test_bf16_autocast_trains_to_a_usable_model(cfg: TrainConfig, tmp_path: Path
 def test_compiled_model_trains_and_saves_plain_weights(cfg: TrainConfig, tmp_path: Path) -> None:
     """compile=true trains through torch.compile; the checkpoint holds the plain module's keys,
     so it loads into an uncompiled model and resumes like any other."""
-    _, accuracy = train(replace(cfg, compile=True, epochs=2))
+    accuracy = train(replace(cfg, compile=True, epochs=2)).test_accuracy
     assert accuracy > 0.8
     weights = final_weights(cfg)
     assert not any(name.startswith("_orig_mod") for name in weights)
     resumed = train(replace(cfg, compile=False, epochs=3, resume=True))
-    assert resumed[1] > 0.8
+    assert resumed.test_accuracy > 0.8
 
 
 def test_a_named_device_that_is_missing_stops_before_any_work(

@@ -1,17 +1,26 @@
-"""Atomic save and safe load of the full training state.
+"""The training state: what a checkpoint holds, and its capture, restore, save and load.
 
 ``models/checkpoint.pt`` is the newest state, ``models/checkpoint.prev.pt`` the
 one before it. A new checkpoint is written to a temp file and fsynced before
 the old ones move, so a kill at any moment leaves at least one complete file.
+
+A checkpoint describes itself (as nanoGPT's does): weights, optimizer, scheduler,
+every RNG, the epoch history, the MLflow run it belongs to, the config it was
+trained with, and the *fingerprint* of what shapes the model (architecture, input
+shape, classes, normalisation), so it is never loaded into a model it does not fit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
+import json
 import logging
 import os
 import random
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +29,7 @@ import torch
 
 from imgpipe.atomic import atomic_file, fsync_dir, umask
 from imgpipe.errors import PipelineError
+from imgpipe.model import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +37,144 @@ CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_FILE = "checkpoint.prev.pt"
 MODEL_FILE = "model.pt"
 FORMAT = 2
+
+
+def fingerprint(
+    model_name: str,
+    image_shape: tuple[int, ...],
+    classes: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> str:
+    """What a checkpoint's weights depend on: architecture, input shape, classes, normalisation."""
+    key = {
+        "model": model_name,
+        "image_shape": list(image_shape),
+        "classes": classes,
+        "mean": list(mean),
+        "std": list(std),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands after ``epoch`` (0: before the first): everything resume needs."""
+
+    epoch: int
+    global_step: int
+    fingerprint: str
+    config: dict[str, Any]
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None
+
+    @classmethod
+    def capture(
+        cls,
+        parts: Trainable,
+        generator: torch.Generator,
+        *,
+        epoch: int,
+        global_step: int,
+        history: list[dict[str, Any]],
+        fingerprint: str,
+        config: dict[str, Any],
+        keep: bool = False,
+    ) -> TrainingState:
+        """The state as it is now; ``keep`` copies the tensors, to save them later."""
+        own = copy.deepcopy if keep else (lambda state: state)
+        return cls(
+            epoch=epoch,
+            global_step=global_step,
+            fingerprint=fingerprint,
+            config=config,
+            model=own(parts.model.state_dict()),
+            optimizer=own(parts.optimizer.state_dict()),
+            scheduler=own(parts.scheduler.state_dict()),
+            rng=capture_rng(generator),
+            history=list(history),
+        )
+
+    def restore(self, parts: Trainable, generator: torch.Generator) -> None:
+        """Put the weights, optimizer, scheduler and every RNG back where they were."""
+        parts.model.load_state_dict(self.model)
+        parts.optimizer.load_state_dict(self.optimizer)
+        parts.scheduler.load_state_dict(self.scheduler)
+        restore_rng(self.rng, generator)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "rng": self.rng,
+            "history": self.history,
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "mlflow_run_id": self.run_id,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> TrainingState:
+        """Raises ValueError naming what is missing from a damaged or foreign file."""
+        if not isinstance(state, dict):
+            raise ValueError("not a checkpoint")
+        # Checkpoints written before the fingerprint had its name call it "config_hash".
+        if "fingerprint" not in state and "config_hash" in state:
+            state = {**state, "fingerprint": state["config_hash"]}
+        missing = REQUIRED_KEYS - set(state)
+        if missing:
+            raise ValueError(f"missing {', '.join(sorted(missing))}")
+        return cls(
+            epoch=state["epoch"],
+            global_step=state["global_step"],
+            fingerprint=state["fingerprint"],
+            config=state.get("config", {}),
+            model=state["model"],
+            optimizer=state["optimizer"],
+            scheduler=state["scheduler"],
+            rng=state["rng"],
+            history=list(state["history"]),
+            run_id=state["mlflow_run_id"],
+        )
+
+    def save(self, directory: str | os.PathLike[str], *, keep_previous: bool) -> Path:
+        """Write this state as the newest checkpoint.
+
+        ``keep_previous=False`` (the first save of a fresh run) drops the older
+        files instead of keeping one as fallback, so a resume can never fall back
+        into a different run.
+        """
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        current, previous = root / CHECKPOINT_FILE, root / PREVIOUS_FILE
+        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=root)
+        try:
+            os.chmod(tmp, 0o666 & ~umask())
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(self.to_dict(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if keep_previous and current.exists():
+                os.replace(current, previous)
+            elif not keep_previous:
+                previous.unlink(missing_ok=True)
+            os.replace(tmp, current)
+            fsync_dir(root)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return current
+
+
 REQUIRED_KEYS = frozenset(
     {
         "format",
@@ -37,7 +185,7 @@ REQUIRED_KEYS = frozenset(
         "scheduler",
         "rng",
         "history",
-        "config_hash",
+        "fingerprint",
         "mlflow_run_id",
     }
 )
@@ -51,41 +199,33 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def save_model(
+    path: str | os.PathLike[str],
+    model: torch.nn.Module,
+    *,
+    model_name: str,
+    classes: list[str],
+    image_shape: tuple[int, ...],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> Path:
+    """model.pt: the weights and everything needed to use them, nothing to resume."""
+    return save_atomic(
+        {
+            "model_name": model_name,
+            "state_dict": model.state_dict(),
+            "classes": classes,
+            "image_shape": list(image_shape),
+            "mean": list(mean),
+            "std": list(std),
+        },
+        path,
+    )
+
+
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load with ``weights_only=True``: a checkpoint can never run code on load."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def save_checkpoint(
-    state: dict[str, Any], directory: str | os.PathLike[str], *, keep_previous: bool
-) -> Path:
-    """Write ``state`` as the newest checkpoint.
-
-    ``keep_previous=False`` (the first save of a fresh run) drops the older
-    files instead of keeping one as fallback, so a resume can never fall back
-    into a different run.
-    """
-    root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    current, previous = root / CHECKPOINT_FILE, root / PREVIOUS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=root)
-    try:
-        os.chmod(tmp, 0o666 & ~umask())
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if keep_previous and current.exists():
-            os.replace(current, previous)
-        elif not keep_previous:
-            previous.unlink(missing_ok=True)
-        os.replace(tmp, current)
-        fsync_dir(root)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return current
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> None:
@@ -95,7 +235,7 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> None:
             stale.unlink()
 
 
-def load_latest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path] | None:
+def load_latest(directory: str | os.PathLike[str]) -> tuple[TrainingState, Path] | None:
     """The newest checkpoint that loads, falling back to the previous one with a warning.
 
     Returns None when there is no checkpoint at all; raises when there are
@@ -106,10 +246,7 @@ def load_latest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path
     problems = []
     for path in candidates:
         try:
-            state = load(path)
-            missing = REQUIRED_KEYS - set(state) if isinstance(state, dict) else REQUIRED_KEYS
-            if missing:
-                raise ValueError(f"missing {', '.join(sorted(missing))}")
+            state = TrainingState.from_dict(load(path))
         except Exception as exc:  # a damaged file raises anything from EOFError to RuntimeError
             problems.append(f"{path.name}: {type(exc).__name__}")
             log.warning(
@@ -120,7 +257,7 @@ def load_latest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], Path
             )
             continue
         if problems:
-            log.warning("resuming from the previous checkpoint %s (epoch %d)", path, state["epoch"])
+            log.warning("resuming from the previous checkpoint %s (epoch %d)", path, state.epoch)
         return state, path
     if candidates:
         raise PipelineError(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,28 @@ class ProcessDataConfig:
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
+# What a key changes, declared once beside the key; every other list of such keys (the
+# resume warning, the sweep's study fingerprint, the DVC params of train and sweep) derives
+# from it or is checked against it by a test. Keys without a role change where a run
+# writes or how fast it goes (paths, tracking, devices), never its numbers.
+TRAJECTORY = "trajectory"  # the path training takes: a resume with another value diverges
+LENGTH = "length"  # how far training goes: a resume may extend it
+EVALUATION = "evaluation"  # how the numbers are measured, not the weights
+ROLES = (TRAJECTORY, LENGTH, EVALUATION)
+
+
+def _changes(role: str, default: Any) -> Any:
+    return field(default=default, metadata={"changes": role})
+
 
 @dataclass
 class TrainConfig:
-    lr: float = 1.0
-    gamma: float = 0.7
-    train_bs: int = 64
-    test_bs: int = 1000
-    epochs: int = 10
-    seed: int = 1
+    lr: float = _changes(TRAJECTORY, 1.0)
+    gamma: float = _changes(TRAJECTORY, 0.7)
+    train_bs: int = _changes(TRAJECTORY, 64)
+    test_bs: int = _changes(EVALUATION, 1000)
+    epochs: int = _changes(LENGTH, 10)
+    seed: int = _changes(TRAJECTORY, 1)
     log_interval: int = 10
     setup_mlflow: bool = True
     mlflow_autolog: bool = False
@@ -64,8 +77,8 @@ class TrainConfig:
     no_cuda: bool = False
     no_mps: bool = False
     device: str = "auto"
-    bf16: bool = False
-    compile: bool = False
+    bf16: bool = _changes(TRAJECTORY, False)
+    compile: bool = _changes(TRAJECTORY, False)
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", self.lr, "> 0")
@@ -84,6 +97,12 @@ class TrainConfig:
         _check(
             bool(self.mlflow_exp_name.strip()), "mlflow_exp_name", self.mlflow_exp_name, "non-empty"
         )
+
+
+def result_keys(*roles: str) -> tuple[str, ...]:
+    """TrainConfig's keys that change a result, in declaration order; all roles by default."""
+    wanted = roles or ROLES
+    return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("changes") in wanted)
 
 
 SCHEMAS: dict[str, type] = {"process_data": ProcessDataConfig, "train_model": TrainConfig}

@@ -1,9 +1,11 @@
-"""One epoch of training and one evaluation pass: pure torch, no tracking inside."""
+"""Pure torch, no tracking inside: the device, the seeds, the data held as tensors, one
+epoch of training and one evaluation pass."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,7 +14,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgpipe.errors import PipelineError
+
 log = logging.getLogger(__name__)
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def pick_device(device: str, no_cuda: bool = False, no_mps: bool = False) -> torch.device:
+    """``auto``: CUDA, then MPS, then the CPU; a named device must be there."""
+    if device == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+        raise PipelineError(
+            f"device=cuda but torch {torch.__version__} ({build}) sees no GPU: check the driver "
+            "(nvidia-smi) and, in a container, the GPU flags (make ... GPU=nvidia)"
+        )
+    if device == "mps" and not _mps_available():
+        raise PipelineError(f"device=mps but torch {torch.__version__} sees no Apple GPU")
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available() and not no_cuda:
+        return torch.device("cuda")
+    if not no_mps and _mps_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed every RNG; return the generator that orders the training batches."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
 
 
 # Below this size a split is normalised once and kept as float32: batches are then

@@ -1,0 +1,112 @@
+"""Where runs are stored: the tracking URI (resolved once), its check, the experiment, run tags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from imgpipe.errors import PipelineError
+from imgpipe.redact import redact_url
+
+HPTUNING_TAG_ENV = "MLFLOW_HPTUNING_TAG"
+
+
+def project_root() -> Path:
+    """Where the local store lives. DVC_ROOT points at the real repository even when
+    ``dvc exp run --temp/--queue`` runs the stage in a throw-away copy."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config key, else MLFLOW_TRACKING_URI, else the local SQLite store under mlruns/."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on a store we cannot use, before any data is loaded or trained."""
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        url = uri.rstrip("/") + "/health"
+        try:
+            response = requests.get(url, timeout=timeout)
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+            raise PipelineError(
+                f"MLflow tracking server {redact_url(uri)} is unreachable ({reason}); "
+                "start one (`make mlflow-ui`) or unset mlflow_tracking_uri / MLFLOW_TRACKING_URI"
+            ) from None
+        if response.status_code != 200:
+            raise PipelineError(
+                f"MLflow tracking server {redact_url(uri)} answered HTTP "
+                f"{response.status_code} on /health"
+            )
+    elif scheme == "sqlite":
+        path = uri.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise PipelineError(
+                    f"cannot create the MLflow store {path}: {exc.strerror}"
+                ) from None
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_tags() -> dict[str, str]:
+    """Tags every run carries: sweep tag, git commit, DVC experiment name."""
+    tags: dict[str, str] = {}
+    if tag := os.environ.get(HPTUNING_TAG_ENV):
+        tags["hptuning_tag"] = tag
+    if commit := git_commit():
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = exp
+    return tags
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it once even when several processes race.
+
+    A local SQLite store gets its artifacts beside the database: MLflow's default
+    is ./mlruns under the *current* directory, which `dvc exp run --temp` throws away.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        location = (db.parent / "artifacts").resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race
+            raise
+        return client.get_experiment_by_name(name).experiment_id
