@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -137,10 +136,3 @@ def per_item_training(
             optimizer.step()
     _sync(device)
     return len(files) * epochs / (time.perf_counter() - start)
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1

@@ -16,16 +16,16 @@ import contextlib
 import csv
 import datetime
 import json
+import operator
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 
 from imgpipe.config import TrainConfig  # noqa: E402
+from imgpipe.cpus import available_cpus  # noqa: E402
 from imgpipe.data import load_processed, process_dataset  # noqa: E402
+from imgpipe.data.processed import write_subset  # noqa: E402
+from imgpipe.testing import (  # noqa: E402
+    copy_project,
+    dvc,
+    entry_point,
+    make,
+    mlflow_server,
+    run_outputs,
+    train_config,
+)
 
 # --------------------------------------------------------------------------- data
 
@@ -85,17 +96,7 @@ def generate(root: Path, count: int, size: int, workers: int) -> None:
 
 def subset(processed: Path, out: Path, n_train: int, n_test: int) -> Path:
     """A processed dataset with the first ``n_train``/``n_test`` images of each split."""
-    out.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((processed / "metadata.json").read_text())
-    for split, n in (("train", n_train), ("test", n_test)):
-        for kind in ("images", "labels"):
-            np.save(
-                out / f"{split}_{kind}.npy",
-                np.load(processed / f"{split}_{kind}.npy", mmap_mode="r")[:n],
-            )
-        meta["splits"][split]["count"] = min(n, meta["splits"][split]["count"])
-    (out / "metadata.json").write_text(json.dumps(meta))
-    return out
+    return write_subset(processed, out, n_train, n_test)
 
 
 def raw_files(raw: Path, split: str, limit: int | None = None) -> tuple[list[Path], list[int]]:
@@ -174,64 +175,21 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-@contextlib.contextmanager
-def mlflow_server(root: Path, workers: int | None = None):
-    """A real local `mlflow server`: ``workers=1`` as `make mlflow-server` starts it,
-    ``None`` with MLflow's default workers."""
-    name = f"server-{workers or 'default'}"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    exe = Path(sys.executable).parent / "mlflow"
-    log = open(root / f"{name}.log", "w")  # noqa: SIM115
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as `make mlflow-ui`
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / name}.db",
-            "--default-artifact-root",
-            str(root / f"{name}-artifacts"),
-            *(["--workers", str(workers)] if workers else []),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/health", timeout=2):
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("mlflow server did not start")
-        time.sleep(0.3)
-    settle(proc.pid)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+def shared_store(work: Path) -> Path:
+    """The SQLite store the bench's runs share (the tracking rows name their own)."""
+    return work / "mlruns" / "mlflow.db"
 
 
 def train_cfg(work: Path, data: Path, name: str, **changes) -> TrainConfig:
-    root = work / "runs" / name
-    values = {
-        "data_dir_path": str(data),
-        "model_checkpoint_dir_path": str(root / "models"),
-        "live_dir_path": str(root / "dvclive"),
-        "log_dir": str(root / "logs"),
-        "mlflow_tracking_uri": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}",
-        "mlflow_exp_name": "bench",
-        "mlflow_run_name": name,
-    }
-    return TrainConfig(**(values | changes))
+    """A bench run called ``name``: its outputs under work/runs/name, one store for all."""
+    return train_config(
+        data,
+        work / "runs" / name,
+        store=shared_store(work),
+        mlflow_exp_name="bench",
+        mlflow_run_name=name,
+        **changes,
+    )
 
 
 # --------------------------------------------------------------------------- measurements
@@ -247,8 +205,7 @@ def bench_processing(work: Path, raw: Path, n_naive: int, cpus: int) -> dict:
     naive = baselines.naive_process(files[:n_naive], labels[:n_naive], work / "naive")
     shutil.rmtree(work / "naive")
     cmd = [
-        sys.executable,
-        str(REPO / "src" / "process_data.py"),
+        *entry_point("process_data.py"),
         f"raw_data_dir_path={raw}",
         f"processed_data_dir_path={work / 'processed-rss'}",
         f"log_dir={work / 'logs'}",
@@ -273,7 +230,7 @@ def bench_training(
     import torch
 
     from imgpipe.model import ConvNet
-    from imgpipe.train import pick_device, train
+    from imgpipe.train import Timings, pick_device, train
 
     d = load_processed(data)
     c, h, w = d.image_shape
@@ -287,10 +244,9 @@ def bench_training(
             d.train.images, d.train.labels, model, batch, epochs, device=device
         )
 
-    def real_once(name: str) -> tuple[float, dict[str, float]]:
-        timings: dict[str, float] = {}
-        train(train_cfg(work, data, name, epochs=epochs, train_bs=batch), timings=timings)
-        return n * epochs / timings["fit_s"], timings
+    def real_once(name: str) -> tuple[float, Timings]:
+        timings = train(train_cfg(work, data, name, epochs=epochs, train_bs=batch)).timings
+        return n * epochs / timings.fit_s, timings
 
     # Warm both paths up first (allocator, oneDNN kernels, MLflow's imports and store),
     # then alternate and keep the best of each: on a shared 2-core VM the same run
@@ -316,7 +272,7 @@ def bench_training(
         "real_sps": real,
         "bare_sps": bare,
         "per_item_sps": per_item,
-        "real_epoch_s": timings["epochs_s"] / epochs,
+        "real_epoch_s": timings.epochs_s / epochs,
         "device": str(device),
         "repeats": repeats,
         "pair_ratio_min": min(pair_ratios),
@@ -333,16 +289,19 @@ def bench_tracking(work: Path, data: Path, epochs: int, batch: int, repeats: int
     default workers. Runs alternate, ``repeats`` of each; the tracker counts the seconds the
     training thread spends in tracking calls and the CPU its start-up thread uses, which
     is steadier than a difference of two noisy wall times."""
-    from imgpipe.train import train
+    from imgpipe.train import Timings, train
 
-    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in TRACKING_MODES}
+    runs: dict[str, list[Timings]] = {mode: [] for mode in TRACKING_MODES}
     # Both servers stay up for every mode, so each shares the machine with the same idle
     # processes.
-    with mlflow_server(work, workers=1) as one, mlflow_server(work) as default:
-        urls = {"server": one, "server-default": default}
+    with contextlib.ExitStack() as servers:
+        urls: dict[str, str] = {}
+        for mode, workers in (("server", 1), ("server-default", None)):
+            server = servers.enter_context(mlflow_server(work / mode, workers=workers))
+            settle(server.pid)
+            urls[mode] = server.url
         out: dict[str, float] = {
-            "server_round_trip_ms": round_trip_ms(one),
-            "server-default_round_trip_ms": round_trip_ms(default),
+            f"{mode}_round_trip_ms": round_trip_ms(urls[mode]) for mode in urls
         }
         for rep in range(repeats):
             for mode in TRACKING_MODES:
@@ -351,13 +310,12 @@ def bench_tracking(work: Path, data: Path, epochs: int, batch: int, repeats: int
                     changes["setup_mlflow"] = False
                 elif mode in urls:
                     changes["mlflow_tracking_uri"] = urls[mode]
-                timings: dict[str, float] = {}
-                train(train_cfg(work, data, f"track-{mode}-{rep}", **changes), timings=timings)
-                runs[mode].append(timings)
+                result = train(train_cfg(work, data, f"track-{mode}-{rep}", **changes))
+                runs[mode].append(result.timings)
     for mode, timings in runs.items():
-        out[f"{mode}_total_s"] = min(t["total_s"] for t in timings)
+        out[f"{mode}_total_s"] = min(t.total_s for t in timings)
         for key in ("fit_s", "tracking_s", "tracking_background_cpu_s"):
-            out[f"{mode}_{key}"] = float(np.median([t[key] for t in timings]))
+            out[f"{mode}_{key}"] = float(np.median([getattr(t, key) for t in timings]))
     return out
 
 
@@ -392,83 +350,112 @@ def bench_sweep(work: Path, data: Path, trials: int, epochs: int) -> dict:
     return out
 
 
+# Runs the entry point argv[2] with the overrides after it, as `python SCRIPT ...` would, and
+# writes what its train() call returns to argv[1] as JSON: the start-up row times the real
+# entry point (Hydra included) and reads its numbers from the result, not from log lines.
+TRAIN_RESULT_AS_JSON = """
+import dataclasses, json, runpy, sys
+import imgpipe.train
+
+out, script, *overrides = sys.argv[1:]
+real_train = imgpipe.train.train
+
+def train(*args, **kwargs):
+    result = real_train(*args, **kwargs)
+    with open(out, "w") as fh:
+        json.dump(dataclasses.asdict(result), fh)
+    return result
+
+imgpipe.train.train = train
+sys.argv = [script, *overrides]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def succeeded(proc: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    if proc.returncode != 0:
+        raise RuntimeError(f"{proc.args[:3]} failed: {(proc.stdout + proc.stderr)[-2000:]}")
+    return proc
+
+
 def bench_startup(work: Path, data: Path) -> dict:
     """Entry point to first training step, and a no-op `dvc repro` of the whole pipeline."""
-    import re
-
-    venv = Path(sys.executable).parent
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-u",
-            str(REPO / "src" / "train_model.py"),
-            "epochs=1",
-            f"data_dir_path={data}",
-            f"model_checkpoint_dir_path={work / 'startup' / 'models'}",
-            f"live_dir_path={work / 'startup' / 'dvclive'}",
-            f"log_dir={work / 'startup' / 'logs'}",
-            f"mlflow_tracking_uri=sqlite:///{work / 'mlruns' / 'mlflow.db'}",
-        ],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    first_step = float(re.search(r"first training step ([\d.]+)s", result.stderr).group(1))
-    fresh = re.search(
-        r"tracking: ([\d.]+)s on the training thread, ([\d.]+)s CPU in the background",
-        result.stderr,
-    )
-
-    project = work / "project"
-    listed = (
+    values = {
+        "epochs": 1,
+        "data_dir_path": data,
+        "mlflow_tracking_uri": f"sqlite:///{shared_store(work)}",
+        **run_outputs(work / "startup"),
+    }
+    report = work / "startup.json"
+    succeeded(
         subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO,
+            [
+                sys.executable,
+                "-u",
+                "-c",
+                TRAIN_RESULT_AS_JSON,
+                str(report),
+                str(REPO / "src" / "train_model.py"),
+                *(f"{key}={value}" for key, value in values.items()),
+            ],
+            cwd=work,
             capture_output=True,
-            check=True,
+            text=True,
+            check=False,
         )
-        .stdout.decode()
-        .split("\0")
     )
-    for rel in filter(None, listed):
-        if (REPO / rel).is_file():
-            (project / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, project / rel)
+    fresh = json.loads(report.read_text())["timings"]
+
+    project = copy_project(work / "project")
     conf = project / "conf" / "train_model.yaml"
     conf.write_text(
         conf.read_text().replace("epochs: 10", "epochs: 1").replace("n_trials: 3", "n_trials: 1")
     )
-    env = {**os.environ, "VENV": str(venv.parent), "SETUP": ""}
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=b", "-c", "user.email=b@b.invalid", "commit", "-qm", "b"],
-        ["make", "-s", "data", "params"],
-        [str(venv / "dvc"), "repro", "-q"],
-    ):
-        subprocess.run(cmd, cwd=project, env=env, check=True, capture_output=True)
+    succeeded(make("data", project, "params"))
+    succeeded(dvc(project, "repro", "-q"))
     noop = []
     for _ in range(3):
-        seconds, proc = timed(
-            subprocess.run,
-            [str(venv / "dvc"), "repro"],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        seconds, proc = timed(dvc, project, "repro")
         assert "up to date" in proc.stdout, proc.stdout + proc.stderr
         noop.append(seconds)
     return {
-        "first_step_s": first_step,
+        "first_step_s": fresh["first_step_s"],
         "noop_repro_s": min(noop),
-        "fresh_tracking_s": float(fresh.group(1)),
-        "fresh_tracking_background_cpu_s": float(fresh.group(2)),
+        "fresh_tracking_s": fresh["tracking_s"],
+        "fresh_tracking_background_cpu_s": fresh["tracking_background_cpu_s"],
     }
 
 
 # --------------------------------------------------------------------------- report
+
+
+COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A row's target, declared once: the text in the table and the check come from it."""
+
+    op: str  # a key of COMPARISONS
+    limit: float
+    unit: str = ""  # "x", "s", or "%" (``limit`` is then a fraction: 0.02 reads "2%")
+    gpu_only: bool = False  # judged on a GPU; on a CPU the row only reports
+
+    def __str__(self) -> str:
+        shown = f"{self.limit * 100:g}%" if self.unit == "%" else f"{self.limit:g}{self.unit}"
+        return f"{self.op} {shown}" + (" on GPU (CPU: report)" if self.gpu_only else "")
+
+    def status(self, measured: float, device: str) -> str:
+        if self.gpu_only and not device.startswith("cuda"):
+            return "-"
+        return "met" if COMPARISONS[self.op](measured, self.limit) else "MISSED"
+
+
+def judged(
+    measure: str, value: str, target: Target, measured: float, device: str = "cpu"
+) -> tuple[str, str, str, str]:
+    """A table row whose status is ``measured`` held against ``target`` on ``device``."""
+    return measure, value, str(target), target.status(measured, device)
 
 
 def rows(r: dict) -> list[tuple[str, str, str, str]]:
@@ -493,22 +480,25 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
     _, sqlite_text = overhead("sqlite")
     server_share, server_text = overhead("server")
     _, default_text = overhead("server-default")
-
-    def status(ok: bool) -> str:
-        return "met" if ok else "MISSED"
+    device = t.get("device", "cpu")
+    vs_limit = p["pipeline_ips"] / p["decode_limit_ips"]
+    vs_naive = p["pipeline_ips"] / p["naive_ips"]
+    vs_bare = t["bare_sps"] / t["real_sps"]
+    vs_per_item = t["real_sps"] / t["per_item_sps"]
+    sweep_speedup = s["w2_trials_per_hour"] / s["w1_trials_per_hour"]
 
     return [
-        (
+        judged(
             "process_data vs decode limit",
-            f"{p['pipeline_ips']:,.0f} vs {p['decode_limit_ips']:,.0f} img/s = {p['pipeline_ips'] / p['decode_limit_ips']:.2f}x",
-            ">= 0.75x",
-            status(p["pipeline_ips"] >= 0.75 * p["decode_limit_ips"]),
+            f"{p['pipeline_ips']:,.0f} vs {p['decode_limit_ips']:,.0f} img/s = {vs_limit:.2f}x",
+            Target(">=", 0.75, "x"),
+            vs_limit,
         ),
-        (
+        judged(
             "process_data vs naive per-image",
-            f"{p['pipeline_ips']:,.0f} vs {p['naive_ips']:,.0f} img/s = {p['pipeline_ips'] / p['naive_ips']:.1f}x",
-            ">= 10x",
-            status(p["pipeline_ips"] >= 10 * p["naive_ips"]),
+            f"{p['pipeline_ips']:,.0f} vs {p['naive_ips']:,.0f} img/s = {vs_naive:.1f}x",
+            Target(">=", 10, "x"),
+            vs_naive,
         ),
         (
             f"process_data peak memory ({p['images']:,} images)",
@@ -516,27 +506,26 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
             "flat",
             "-",
         ),
-        (
-            f"train epoch time vs bare loop ({t.get('device', 'cpu')})",
-            f"{t['real_sps']:,.0f} vs {t['bare_sps']:,.0f} samples/s = {t['bare_sps'] / t['real_sps']:.3f}x time"
+        judged(
+            f"train epoch time vs bare loop ({device})",
+            f"{t['real_sps']:,.0f} vs {t['bare_sps']:,.0f} samples/s = {vs_bare:.3f}x time"
             f" (best of {t['repeats']}; pairs {t['pair_ratio_min']:.2f}-{t['pair_ratio_max']:.2f}x)",
-            "<= 1.05x",
-            status(t["bare_sps"] / t["real_sps"] <= 1.05),
+            Target("<=", 1.05, "x"),
+            vs_bare,
         ),
-        (
-            f"train vs per-item PNG DataLoader ({t.get('device', 'cpu')})",
-            f"{t['real_sps']:,.0f} vs {t['per_item_sps']:,.0f} samples/s = {t['real_sps'] / t['per_item_sps']:.2f}x",
-            ">= 3x on GPU (CPU: report)",
-            status(t["real_sps"] >= 3 * t["per_item_sps"])
-            if t.get("device", "cpu").startswith("cuda")
-            else "-",
+        judged(
+            f"train vs per-item PNG DataLoader ({device})",
+            f"{t['real_sps']:,.0f} vs {t['per_item_sps']:,.0f} samples/s = {vs_per_item:.2f}x",
+            Target(">=", 3, "x", gpu_only=True),
+            vs_per_item,
+            device,
         ),
         ("tracking overhead, SQLite store", sqlite_text, "-", "-"),
-        (
+        judged(
             "tracking overhead, mlflow server (make mlflow-server: 1 worker)",
             server_text,
-            "<= 2%",
-            status(server_share <= 0.02),
+            Target("<=", 0.02, "%"),
+            server_share,
         ),
         ("tracking overhead, mlflow server (default: 4 workers)", default_text, "-", "-"),
         (
@@ -546,24 +535,26 @@ def rows(r: dict) -> list[tuple[str, str, str, str]]:
             "-",
             "-",
         ),
-        (
+        judged(
             "sweep per-trial overhead (1 worker)",
             f"{s['w1_trial_overhead_s']:.2f}s",
-            "<= 0.5s",
-            status(s["w1_trial_overhead_s"] <= 0.5),
+            Target("<=", 0.5, "s"),
+            s["w1_trial_overhead_s"],
         ),
-        (
+        judged(
             "sweep trials/hour, 1 vs 2 workers",
-            f"{s['w1_trials_per_hour']:,.0f} vs {s['w2_trials_per_hour']:,.0f} = {s['w2_trials_per_hour'] / s['w1_trials_per_hour']:.2f}x",
-            "> 1x",
-            status(s["w2_trials_per_hour"] > s["w1_trials_per_hour"]),
+            f"{s['w1_trials_per_hour']:,.0f} vs {s['w2_trials_per_hour']:,.0f} = {sweep_speedup:.2f}x",
+            Target(">", 1, "x"),
+            sweep_speedup,
         ),
-        ("no-op dvc repro", f"{u['noop_repro_s']:.2f}s", "<= 1s", status(u["noop_repro_s"] <= 1.0)),
-        (
+        judged(
+            "no-op dvc repro", f"{u['noop_repro_s']:.2f}s", Target("<=", 1, "s"), u["noop_repro_s"]
+        ),
+        judged(
             "entry point to first training step",
             f"{u['first_step_s']:.2f}s",
-            "<= 3s",
-            status(u["first_step_s"] <= 3.0),
+            Target("<=", 3, "s"),
+            u["first_step_s"],
         ),
     ]
 
@@ -583,7 +574,7 @@ def machine() -> str:
         mem = f", {kb / 2**20:.0f} GiB RAM"
     gpu = f"; GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {baselines.cpu_count()} cores{mem}{gpu}; Python {platform.python_version()}, "
+        f"{cpu}, {available_cpus()} cores{mem}{gpu}; Python {platform.python_version()}, "
         f"torch {torch.__version__}, {platform.system()} {platform.release()}"
     )
 
@@ -647,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.epochs, args.repeats, args.tracking_repeats = 1, 1, 1
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    cpus = baselines.cpu_count()
+    cpus = available_cpus()
     work = Path(tempfile.mkdtemp(prefix="imgpipe-bench-"))
     started = time.perf_counter()
     try:

@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 
 from conftest import IN_CI, VENV, copy_project, dvc, error_lines, free_port, make, project_env
 from imgpipe.data import export_sample_digits
+from imgpipe.testing import stop, wait_until_healthy
 
 DOCKER = os.environ.get("DOCKER", "docker")
 UID, GID = os.getuid(), os.getgid()
@@ -424,17 +424,7 @@ def test_mlflow_server_in_the_image_serves_the_project_store_on_loopback(
     server = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=log)
     name = f"imgpipe-mlflow-{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+        wait_until_healthy(f"http://127.0.0.1:{port}", server, home / "server.log")
         published = subprocess.run([DOCKER, "port", name], capture_output=True, text=True).stdout
         assert published.strip() == f"5000/tcp -> 127.0.0.1:{port}", published
 
@@ -448,10 +438,6 @@ def test_mlflow_server_in_the_image_serves_the_project_store_on_loopback(
         store = project / "mlruns" / "mlflow.db"
         assert store.is_file() and store.stat().st_uid == caller.pw_uid
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
         subprocess.run([DOCKER, "rm", "-f", name], capture_output=True, check=False)
         log.close()

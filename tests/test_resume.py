@@ -23,32 +23,22 @@ from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.data import process_dataset
 from imgpipe.errors import PipelineError
+from imgpipe.testing import run_outputs, train_config
 from imgpipe.train import METRIC_NAMES, train
 
 KILL_MOMENTS = 10
 
 
-def outputs(root: Path) -> dict[str, str]:
-    return {
-        "model_checkpoint_dir_path": str(root / "models"),
-        "live_dir_path": str(root / "dvclive"),
-        "log_dir": str(root / "logs"),
-    }
-
-
 @pytest.fixture
 def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
     monkeypatch.chdir(tmp_path)
-    return TrainConfig(
-        epochs=3,
-        data_dir_path=str(sample_processed),
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
-        **outputs(tmp_path / "run"),
+    return train_config(
+        sample_processed, tmp_path / "run", store=tmp_path / "store" / "mlflow.db", epochs=3
     )
 
 
 def in_dir(cfg: TrainConfig, root: Path, **changes) -> TrainConfig:
-    return replace(cfg, **outputs(root), **changes)
+    return replace(cfg, **run_outputs(root), **changes)
 
 
 def weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
