@@ -6,8 +6,9 @@ Usage (from the project root):
     python -u src/train_model.py mlflow_tracking_uri=http://127.0.0.1:5000 log_dir=./logs
     python -u src/train_model.py resume=true epochs=20      # continue / extend the last run
     python -u src/train_model.py --multirun                  # Optuna sweep (conf/train_model.yaml)
-Config: conf/train_model.yaml. Under DVC: `make train` (values from params.yaml).
-Returns (test loss, test accuracy) to Hydra's sweeper.
+Config: conf/train_model.yaml. Under DVC: `make train` and `make sweep` (values from
+params.yaml). The sweep is the project's own loop over the config's ``hydra.sweeper``
+block (see imgpipe.sweep), so nothing is returned to Hydra.
 """
 
 import hydra
@@ -19,13 +20,20 @@ from imgpipe.logs import setup_logging
 
 
 @hydra.main(config_path="../conf", config_name="train_model")
-def main(cfg: DictConfig) -> tuple[float, float]:
+def main(cfg: DictConfig) -> None:
     config = guarded(to_schema, TrainConfig, cfg, "conf/train_model.yaml")
     setup_logging(config.log_dir)
     from imgpipe.train import train  # torch loads only once the config is known good
 
-    return guarded(train, config)
+    guarded(train, config)
+
+
+def sweep(argv: list[str]) -> None:
+    """``--multirun``: an Optuna sweep over the config's ``hydra.sweeper`` block."""
+    from imgpipe.sweep import main as run_sweep_command
+
+    run_sweep_command("train_model", argv)
 
 
 if __name__ == "__main__":
-    run_entry(main, "train_model", TrainConfig)
+    run_entry(main, "train_model", TrainConfig, sweep)

@@ -62,31 +62,29 @@ def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> No
     to_schema(schema, cfg, source)
 
 
-def run_entry(hydra_main: Callable[[], Any], config_name: str, schema: type) -> None:
-    """Layer params.yaml (under DVC), validate the overrides, then hand over to Hydra."""
+def run_entry(
+    hydra_main: Callable[[], Any],
+    config_name: str,
+    schema: type,
+    sweep: Callable[[list[str]], None] | None = None,
+) -> None:
+    """Layer params.yaml (under DVC), validate the overrides, then hand over to Hydra.
+
+    ``--multirun`` goes to ``sweep`` (given by the entry point that has one) instead.
+    """
     argv = sys.argv[1:]
-    if "--multirun" in argv or "-m" in argv:
-        run_sweep_entry(config_name, schema, [a for a in argv if a not in ("--multirun", "-m")])
+    multirun = "--multirun" in argv or "-m" in argv
+    if multirun and sweep is not None:
+        sweep([a for a in argv if a not in ("--multirun", "-m")])
         return
     try:
+        if multirun:
+            raise PipelineError(f"conf/{config_name}.yaml has no sweep: --multirun does not apply")
         argv = params_file_overrides(schema, argv) + argv
-        # Flags (--multirun, --cfg, --help, ...) are Hydra's own business.
+        # Flags (--cfg, --help, ...) are Hydra's own business.
         if not any(arg.startswith("-") for arg in argv):
             _check_overrides(config_name, schema, argv)
     except PipelineError as exc:
         fail(exc)
     sys.argv = [sys.argv[0], *argv]
     hydra_main()
-
-
-def run_sweep_entry(config_name: str, schema: type, argv: list[str]) -> None:
-    """``--multirun``: an Optuna sweep over the config's ``hydra.sweeper`` block."""
-    from imgpipe.logs import setup_logging
-    from imgpipe.sweep import load_settings, run_sweep
-
-    try:
-        settings = load_settings(config_name, params_file_overrides(schema, argv), argv)
-        setup_logging(settings.base["log_dir"])
-        run_sweep(settings)
-    except PipelineError as exc:
-        fail(exc)

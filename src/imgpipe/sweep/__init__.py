@@ -96,3 +96,18 @@ def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:
             artifacts=result_paths(settings),
         )
     return best
+
+
+def main(config_name: str, argv: list[str]) -> None:
+    """``python -u src/train_model.py --multirun [overrides]``: the sweep as a command."""
+    from imgpipe.cli import fail
+    from imgpipe.config import TrainConfig, params_file_overrides
+    from imgpipe.errors import PipelineError
+    from imgpipe.logs import setup_logging
+
+    try:
+        settings = load_settings(config_name, params_file_overrides(TrainConfig, argv), argv)
+        setup_logging(settings.base["log_dir"])
+        run_sweep(settings)
+    except PipelineError as exc:
+        fail(exc)
