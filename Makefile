@@ -101,8 +101,9 @@ sweep: $(SETUP) ## Stage: Optuna sweep (conf/train_model.yaml hydra.sweeper); WO
 build: ## Build the image: imgpipe:cpu, or GPU=nvidia|amd for imgpipe:cuda|rocm
 	@$(if $(filter amd,$(GPU)),test -n "$(TORCH_INDEX_URL)" || { echo "error: GPU=amd needs TORCH_INDEX_URL=<PyTorch's ROCm wheel index> (PyPI's torch is built for CUDA)" >&2; exit 2; })
 	@$(ENGINE_CHECK)
+	@$(BUILDKIT_CHECK)
 	@$(link_wheels)
-	$(BUILD_ENV) $(ENGINE_BIN) build --file $(DOCKERFILE) --tag $(IMAGE) \
+	$(BUILD_ENV) $(BUILD_BIN) build --file $(DOCKERFILE) --tag $(IMAGE) \
 	  $(foreach arg,BASE_IMAGE TORCH_INDEX_URL NON_ROOT_USER NON_ROOT_UID NON_ROOT_GID,$(if $($(arg)),--build-arg $(arg)=$($(arg)))) \
 	  --label org.opencontainers.image.version=$(VERSION) \
 	  --label org.opencontainers.image.revision=$(GIT_SHA) .

@@ -48,8 +48,13 @@ ENGINE = $(eval ENGINE := $(if $(filter docker podman,$(RUNTIME)),$(RUNTIME),$(s
   command -v $(DOCKER) >/dev/null 2>&1 || ! command -v $(PODMAN) >/dev/null 2>&1 && echo docker || echo podman)))$(ENGINE)
 ENGINE_BIN = $(call engine_bin,$(ENGINE))
 BUILD_ENV = $(if $(filter docker,$(ENGINE)),DOCKER_BUILDKIT=1)
+# build on docker: a client with BuildKit (make/buildkit-client says which has it): DOCKER
+# when given, else the first docker on PATH that has it, else /usr/bin/docker; empty if none.
+DOCKER_GIVEN = $(if $(filter file,$(origin DOCKER)),,$(DOCKER))
+BUILDKIT_CLIENT = $(eval BUILDKIT_CLIENT := $(shell sh make/buildkit-client $(DOCKER_GIVEN)))$(BUILDKIT_CLIENT)
+BUILD_BIN = $(if $(filter docker,$(ENGINE)),$(or $(BUILDKIT_CLIENT),$(DOCKER)),$(ENGINE_BIN))
 
-# One line and exit 2 before anything runs: no engine, caller is root, image missing.
+# One line and exit 2 before anything runs: no engine, caller is root, image missing, no BuildKit.
 check_engine = $(call engine_bin,$(1)) info >/dev/null 2>&1 || { \
   echo "error: no $(1) engine answers ($(call engine_bin,$(1)) info failed): start it or use RUNTIME=local" >&2; exit 2; }
 check_image = $(call engine_bin,$(1)) image inspect $(2) >/dev/null 2>&1 || { \
@@ -60,6 +65,10 @@ container_checks = echo "runtime: $(1)$(if $(filter docker podman,$(1)), ($(2)))
   $(call check_engine,$(1)); $(call check_caller,$(1)); $(call check_image,$(1),$(2)))
 STAGE_CHECK = $(call container_checks,$(STAGE_CHOICE),$(IMAGE))
 ENGINE_CHECK = $(call check_engine,$(ENGINE))
+BUILDKIT_CHECK = $(if $(filter docker,$(ENGINE)),test -n "$(BUILDKIT_CLIENT)" || { \
+  echo "error: the Dockerfiles need BuildKit$(buildkit_lacking): install the buildx plugin or choose another client with DOCKER=/path/to/docker" >&2; exit 2; })
+buildkit_lacking = , which $(or $(DOCKER_GIVEN),$$(command -v $(DOCKER)) and every other docker on PATH) \
+  lack$(if $(DOCKER_GIVEN),s) (no buildx plugin; only clients before version 23 have it built in)
 IMAGE_CHECK = $(call check_image,$(ENGINE),$(IMAGE))
 
 # GPU flags per engine; `device=cuda` tells the code (ROCm builds of torch use the cuda API too).
