@@ -46,6 +46,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 WORKDIR /workspace
 COPY conf/ conf/
 COPY src/ src/
+COPY make/ make/
 COPY Makefile dvc.yaml params.yaml pyproject.toml ./
 
 USER ${NON_ROOT_UID}:${NON_ROOT_GID}
