@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
-import tempfile
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
-from imgpipe.atomic import atomic_file, fsync_dir, umask
+from imgpipe.atomic import atomic_file, write_error
 from imgpipe.errors import PipelineError
 from imgpipe.model import Trainable
 
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_FILE = "checkpoint.prev.pt"
 MODEL_FILE = "model.pt"
+# Held while a training lives; .dvcignore keeps it out of the folder's DVC output.
+LOCK_FILE = ".imgpipe.lock"
 FORMAT = 2
 
 
@@ -150,28 +155,20 @@ class TrainingState:
 
         ``keep_previous=False`` (the first save of a fresh run) drops the older
         files instead of keeping one as fallback, so a resume can never fall back
-        into a different run.
+        into a different run. A failed write (a full disk) leaves both files as
+        they were and raises the one-line PipelineError.
         """
         root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
         current, previous = root / CHECKPOINT_FILE, root / PREVIOUS_FILE
-        fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=root)
-        try:
-            os.chmod(tmp, 0o666 & ~umask())
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.to_dict(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+
+        def rotate() -> None:  # the new file is complete and on disk by now
             if keep_previous and current.exists():
                 os.replace(current, previous)
             elif not keep_previous:
                 previous.unlink(missing_ok=True)
-            os.replace(tmp, current)
-            fsync_dir(root)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+
+        with atomic_file(current, "wb", before_replace=rotate) as fh:
+            torch_save(self.to_dict(), fh)
         return current
 
 
@@ -195,8 +192,38 @@ def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """torch.save through a temp file + fsync + rename: a crash never leaves half a file."""
     target = Path(path)
     with atomic_file(target, "wb") as fh:
-        torch.save(obj, fh)
+        torch_save(obj, fh)
     return target
+
+
+class _KeepWriteError:
+    """A file whose failed write is remembered: torch's zip writer replaces the OSError
+    (errno 28 on a full disk) by ``RuntimeError: [enforce fail at inline_container.cc]``."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def torch_save(obj: Any, fh: BinaryIO) -> None:
+    """torch.save into ``fh``; a failed write raises its own OSError, which ``atomic_file``
+    reports as one line, while any other RuntimeError of torch's stays what it is."""
+    sink = _KeepWriteError(fh)
+    try:
+        torch.save(obj, sink)
+    except RuntimeError as exc:
+        if sink.error is None:
+            raise
+        raise sink.error from exc
 
 
 def save_model(
@@ -233,6 +260,75 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> None:
     for stale in Path(directory).glob(".*.tmp"):
         with contextlib.suppress(OSError):
             stale.unlink()
+
+
+@contextlib.contextmanager
+def lock(directory: str | os.PathLike[str]) -> Iterator[None]:
+    """One live training per checkpoint folder, for as long as the block runs.
+
+    An exclusive ``flock`` on ``LOCK_FILE``: the kernel drops it when its holder ends
+    in any way (SIGKILL included), so a dead run never blocks the next one, and a
+    second run while the holder lives stops with one line naming its host and pid
+    (written into the file for that message). The holder removes the file, and the
+    folders it made for it, when the block ends; a killed holder's file stays, is
+    ignored by DVC (.dvcignore) and taken over. On NFS the server's lock manager
+    decides, and a lock of a client that vanished is freed when its lease ends.
+    """
+    root = Path(directory)
+    path = root / LOCK_FILE
+    made = [d for d in (root, *root.parents) if not d.exists()]
+    fd = _take(path)
+    try:
+        # Only the message needs this: the lock holds even if a full disk refuses it.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # removed while held: see _take
+            path.unlink()
+            for folder in made:  # a run that stopped before any work leaves no folder
+                folder.rmdir()
+        os.close(fd)  # releases the lock
+
+
+def _take(path: Path) -> int:
+    """The locked, open lock file; PipelineError naming the holder when it is held."""
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise PipelineError(
+                f"{path.parent} is in use by another training ({holder}); "
+                "wait for it to end or stop it"
+            ) from None
+        except OSError as exc:  # e.g. ENOLCK: an NFS mount without a lock manager
+            os.close(fd)
+            raise PipelineError(f"cannot lock {path}: {exc.strerror}") from exc
+        # The holder before may have removed the file between our open and our lock:
+        # then this lock is on a file nobody else can see, and the name is taken anew.
+        with contextlib.suppress(FileNotFoundError):
+            named, opened = os.stat(path), os.fstat(fd)
+            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
+                return fd
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as it wrote itself into the file (give it a moment to)."""
+    for _ in range(20):
+        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.05)
+    return "host and pid not recorded"
 
 
 def load_latest(directory: str | os.PathLike[str]) -> tuple[TrainingState, Path] | None:

@@ -81,6 +81,12 @@ def train(
 ) -> TrainResult:
     """Train the CNN described by ``cfg``. ``parent_run_id`` nests the MLflow run under a
     sweep's parent run; ``tags`` are added to the run's own."""
+    # One live training per checkpoint folder: a second one stops here, naming the holder.
+    with checkpoint.lock(cfg.model_checkpoint_dir_path):
+        return _train(cfg, parent_run_id, tags)
+
+
+def _train(cfg: TrainConfig, parent_run_id: str | None, tags: dict[str, str] | None) -> TrainResult:
     started = time.perf_counter()
     tracking_uri = resolve_tracking_uri(cfg.mlflow_tracking_uri) if cfg.setup_mlflow else None
     if tracking_uri:

@@ -1,0 +1,253 @@
+"""Full disks and other failed writes, and one live training per checkpoint folder.
+
+A failed write is one ``error: cannot write <output>: <reason>`` line and exit 2, with
+the previous output in place and no temp file left. The disks are real: a small tmpfs
+mounted for the test (root only; under CI the tests must run, elsewhere they skip).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import IN_CI, error_lines, run_script
+from imgpipe import checkpoint
+from imgpipe.data.processed import load_processed
+from imgpipe.errors import PipelineError
+from imgpipe.testing import entry_point, run_outputs
+
+NO_SPACE = os.strerror(28)  # "No space left on device"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mounts a real filesystem of the size asked for (tmpfs), unmounted afterwards
+    whatever the test did."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        disk = tmp_path / f"disk-{len(mounted)}"
+        disk.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            reason = f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}"
+            if IN_CI:
+                pytest.fail(reason)
+            pytest.skip(reason)
+        mounted.append(disk)
+        return disk
+
+    try:
+        yield mount
+    finally:
+        for disk in mounted:
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` up to ``leave`` free bytes (a whole disk first, then give some back)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - leave))
+    assert os.statvfs(disk).f_bfree * os.statvfs(disk).f_frsize <= leave + 65536
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temp files or folders and moved-aside old outputs a failed write left behind."""
+    return sorted(p.name for p in folder.rglob(".*"))
+
+
+def test_processing_on_a_full_disk_keeps_the_previous_output(
+    sample_raw: Path, small_disk: Callable[[str], Path], tmp_path: Path
+) -> None:
+    disk = small_disk("2m")  # the sample's processed output is about 140 kB
+    out = disk / "processed"
+    args = (f"raw_data_dir_path={sample_raw}", f"log_dir={tmp_path / 'logs'}", "num_workers=2")
+    first = run_script("process_data.py", *args, f"processed_data_dir_path={out}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = load_processed(out)
+    fill(disk, leave=48 * 1024)  # less than one output: the decode workers run out
+
+    result = run_script("process_data.py", *args, f"processed_data_dir_path={out}", cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [f"error: cannot write {out}: {NO_SPACE}"]
+    assert "Traceback" not in result.stderr
+    after = load_processed(out)
+    assert np.array_equal(after.train.images, before.train.images)
+    assert np.array_equal(after.test.labels, before.test.labels)
+    assert leftovers(disk) == []
+
+
+@pytest.mark.slow
+def test_checkpointing_on_a_full_disk_keeps_the_previous_checkpoint(
+    sample_processed: Path, small_disk: Callable[[str], Path], tmp_path: Path
+) -> None:
+    disk = small_disk("8m")  # two checkpoints and model.pt take about 4.5 MB
+    models = disk / "models"
+    args = (
+        f"data_dir_path={sample_processed}",
+        *(f"{k}={v}" for k, v in run_outputs(tmp_path).items()),
+        f"model_checkpoint_dir_path={models}",
+        "setup_mlflow=false",
+    )
+    first = run_script("train_model.py", *args, "epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    fill(disk, leave=0)
+
+    result = run_script("train_model.py", *args, "epochs=2", "resume=true", cwd=tmp_path)
+
+    assert result.returncode == 2, result.stderr
+    target = models / checkpoint.CHECKPOINT_FILE
+    assert error_lines(result.stderr) == [f"error: cannot write {target}: {NO_SPACE}"]
+    assert "Traceback" not in result.stderr
+    found = checkpoint.load_latest(models)
+    assert found is not None
+    state, path = found
+    assert (state.epoch, path) == (1, target)
+    assert leftovers(disk) == []
+
+
+def test_a_log_folder_that_cannot_be_made_stops_with_one_line(
+    sample_raw: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the log folder's parent should be")
+    logs = blocker / "logs"
+    result = run_script(
+        "process_data.py",
+        f"raw_data_dir_path={sample_raw}",
+        f"processed_data_dir_path={tmp_path / 'processed'}",
+        f"log_dir={logs}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [f"error: cannot write {logs}: {os.strerror(20)}"]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "processed").exists()
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def start_training(processed: Path, root: Path, *extra: str) -> subprocess.Popen:
+    """A training in the background; its messages go to ``root/first.err``."""
+    overrides = [f"{k}={v}" for k, v in run_outputs(root).items()]
+    with open(root / "first.err", "w") as err:  # the child keeps its own copy
+        return subprocess.Popen(
+            [*entry_point("train_model.py"), f"data_dir_path={processed}", *overrides, *extra],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.02)
+
+
+def holds_lock(models: Path, pid: int) -> bool:
+    lock = models / checkpoint.LOCK_FILE
+    return lock.is_file() and f"pid {pid}" in lock.read_text()
+
+
+@pytest.mark.slow
+def test_a_second_training_on_a_held_folder_stops_naming_the_holder(
+    sample_processed: Path, tmp_path: Path
+) -> None:
+    first = start_training(sample_processed, tmp_path, "epochs=2", "setup_mlflow=false")
+    models = tmp_path / "models"
+    try:
+        wait_for(lambda: holds_lock(models, first.pid), first, "lock")
+        # Paused, the first run holds the folder however fast this machine trains.
+        first.send_signal(signal.SIGSTOP)
+        second_root = tmp_path / "second"
+        second = run_script(
+            "train_model.py",
+            f"data_dir_path={sample_processed}",
+            *(f"{k}={v}" for k, v in run_outputs(second_root).items()),
+            f"model_checkpoint_dir_path={models}",
+            "setup_mlflow=false",
+            "resume=true",
+            cwd=tmp_path,
+        )
+        first.send_signal(signal.SIGCONT)
+        assert second.returncode == 2, second.stderr
+        holder = f"host {socket.gethostname()} pid {first.pid}"
+        assert error_lines(second.stderr) == [
+            f"error: {models} is in use by another training ({holder}); "
+            "wait for it to end or stop it"
+        ]
+        assert not (second_root / "dvclive").exists()  # stopped before touching anything
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.err").read_text()
+    finally:
+        first.kill()
+        first.wait()
+    found = checkpoint.load_latest(models)
+    assert found is not None and found[0].epoch == 2
+    assert not (models / checkpoint.LOCK_FILE).exists()  # released
+
+
+@pytest.mark.slow
+def test_a_lock_left_by_a_killed_training_does_not_block_the_next(
+    sample_processed: Path, tmp_path: Path
+) -> None:
+    first = start_training(sample_processed, tmp_path, "epochs=3", "setup_mlflow=false")
+    models = tmp_path / "models"
+    try:
+        wait_for(lambda: (models / checkpoint.CHECKPOINT_FILE).is_file(), first, "checkpoint")
+        first.send_signal(signal.SIGSTOP)  # mid-run, whatever the machine's speed
+        assert holds_lock(models, first.pid)
+        first.kill()
+    finally:
+        first.kill()
+        first.wait()
+
+    result = run_script(
+        "train_model.py",
+        f"data_dir_path={sample_processed}",
+        *(f"{k}={v}" for k, v in run_outputs(tmp_path).items()),
+        "epochs=3",
+        "setup_mlflow=false",
+        "resume=true",
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "resuming after epoch" in result.stderr
+    found = checkpoint.load_latest(models)
+    assert found is not None
+    assert [entry["epoch"] for entry in found[0].history] == [1, 2, 3]
+
+
+def test_the_lock_is_refused_while_held_and_free_after(tmp_path: Path) -> None:
+    # A second holder inside the same process is refused too (flock is per open file).
+    refused = pytest.raises(PipelineError, match=f"pid {os.getpid()}")
+    with checkpoint.lock(tmp_path), refused, checkpoint.lock(tmp_path):
+        pass
+    with checkpoint.lock(tmp_path):
+        pass
