@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> None:
         config.raw_data_dir_path,
         config.processed_data_dir_path,
         num_workers=config.num_workers,
+        max_image_pixels=config.max_image_pixels,
     )
 
 

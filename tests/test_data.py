@@ -96,12 +96,12 @@ def test_rgb_non_square_images_with_named_labels(tmp_path: Path) -> None:
 
 
 def test_other_encodings_decode_like_pillow(small_raw: Path, tmp_path: Path) -> None:
-    """PNGs of the dataset's mode take a fast path; anything else Pillow reads (a 1-bit
-    PNG, a BMP behind a .png name, a .bmp file) still decodes to Pillow's own pixels."""
+    """PNGs of the dataset's mode take a fast path; other modes and formats (a 1-bit PNG,
+    a .bmp file) still decode to Pillow's own pixels. A BMP behind a .png name is refused
+    (tests/test_hostile_input.py)."""
     rows = (small_raw / "train.csv").read_text().splitlines()
-    one_bit, disguised, bmp = (small_raw / rows[i].split(",")[0] for i in (1, 2, 3))
+    one_bit, bmp = (small_raw / rows[i].split(",")[0] for i in (1, 3))
     Image.open(one_bit).convert("1").save(one_bit)
-    Image.open(disguised).save(disguised, format="BMP")
     renamed = bmp.with_suffix(".bmp")
     Image.open(bmp).save(renamed)
     bmp.unlink()

@@ -32,9 +32,11 @@ class ProcessDataConfig:
     processed_data_dir_path: str = "data/processed"
     log_dir: str = "./logs"
     num_workers: int = 0  # 0: every available core
+    max_image_pixels: int = 89_478_485  # refuse larger image headers; 0: no limit
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _check(self.max_image_pixels >= 0, "max_image_pixels", self.max_image_pixels, ">= 0")
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -8,7 +8,6 @@ hands out chunks and adds up the normalisation stats.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -22,86 +21,82 @@ import numpy as np
 from imgpipe.atomic import atomic_dir
 from imgpipe.cpus import available_cpus
 from imgpipe.data import processed
+from imgpipe.data.files import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from imgpipe.data.raw import RawSplit, read_raw_dataset, sort_labels
 from imgpipe.errors import PipelineError
 
 # One logger name for the whole data stage, as its log lines have always carried.
 log = logging.getLogger("imgpipe.data")
 
+# What Pillow raises for a damaged file. Its DecompressionBombError (a plain Exception) is
+# never reached: open_image checks the limit itself and bypasses Image.open's check.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 
-def _open_image(path: Path):
-    """Decode one image fully (truncation surfaces here) as mode L or RGB."""
-    from PIL import Image, UnidentifiedImageError
 
+def _to_dataset_mode(im, path: str):
+    """Decode an opened image fully (truncation surfaces here) as mode L or RGB."""
+    im.load()
+    mode = im.mode
+    if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in im.info):
+        raise PipelineError(f"{path}: image has an alpha channel; use grayscale or RGB")
+    if mode == "1":
+        return im.convert("L")
+    if mode == "P":
+        return im.convert("RGB")
+    if mode not in ("L", "RGB"):
+        raise PipelineError(f"{path}: unsupported image mode {mode!r}; use grayscale or RGB")
+    return im.copy()
+
+
+def _reference_image(path: str, max_pixels: int):
+    """The first training image, which sets the dataset's size and mode."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("LA", "RGBA", "PA") or (mode == "P" and "transparency" in im.info):
-                raise PipelineError(f"{path}: image has an alpha channel; use grayscale or RGB")
-            if mode == "1":
-                return im.convert("L")
-            if mode == "P":
-                return im.convert("RGB")
-            if mode not in ("L", "RGB"):
-                raise PipelineError(
-                    f"{path}: unsupported image mode {mode!r}; use grayscale or RGB"
-                )
-            return im.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with open_image(path, max_pixels) as im:
+            return _to_dataset_mode(im, path)
+    except DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
-
-
-def _matching_pixels(path: str, size: tuple[int, int], mode: str) -> bytes | None:
-    """The pixel rows of an image already in the dataset's mode and size, else None.
-
-    A ``.png`` opens straight through Pillow's PNG decoder: ``Image.open``'s format
-    probing, and ``np.asarray``'s array interface after it, are a sizeable share of a
-    small PNG's decode (bench/NOTES.md). Mode and size come from the header, before any
-    pixel is read; as only the dataset's size decodes here, Pillow's decompression-bomb
-    check, which the reference image passed, is not needed again. ``path`` is a string:
-    Pillow opens a ``pathlib.Path`` more slowly.
-    """
-    from PIL import Image, PngImagePlugin
-
-    im = None
-    if path.lower().endswith(".png"):
-        with contextlib.suppress(SyntaxError):  # not a PNG inside: Image.open finds out
-            im = PngImagePlugin.PngImageFile(path)
-    if im is None:
-        im = Image.open(path)
-    with im:
-        return im.tobytes() if im.mode == mode and im.size == size else None
 
 
 def _channels(mode: str) -> int:
     return 1 if mode == "L" else 3
 
 
-def _decode_pixels(path: str, size: tuple[int, int], mode: str) -> bytes:
+def _decode_pixels(path: str, size: tuple[int, int], mode: str, max_pixels: int) -> bytes:
     """One image's pixel rows as bytes, checked against the dataset's size and mode;
-    other modes are converted where they can be, and what cannot is named."""
-    from PIL import UnidentifiedImageError
+    other modes are converted where they can be, and what cannot is named.
 
+    Format, pixel limit and size come from the header, before any pixel is decoded. An
+    image already in the dataset's mode goes straight from Pillow's decoder to bytes:
+    ``Image.open``'s format probing, and ``np.asarray``'s array interface, are a sizeable
+    share of a small PNG's decode (bench/NOTES.md).
+    """
     try:
-        pixels = _matching_pixels(path, size, mode)
-        if pixels is not None:
-            return pixels
-        im = _open_image(Path(path))
-        if im.size != size:
+        with open_image(path, max_pixels) as im:
+            if im.size != size:
+                raise PipelineError(
+                    f"{path}: image size {im.size[0]}x{im.size[1]} differs from the dataset's "
+                    f"{size[0]}x{size[1]}"
+                )
+            if im.mode == mode:
+                return im.tobytes()
+            converted = _to_dataset_mode(im, path)
+        if converted.mode != mode:
             raise PipelineError(
-                f"{path}: image size {im.size[0]}x{im.size[1]} differs from the dataset's "
-                f"{size[0]}x{size[1]}"
+                f"{path}: image mode {converted.mode} differs from the dataset's {mode}"
             )
-        if im.mode != mode:
-            raise PipelineError(f"{path}: image mode {im.mode} differs from the dataset's {mode}")
-        return im.tobytes()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return converted.tobytes()
+    except DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
 
 
 def _decode_chunk(
-    out_path: str, offset: int, start: int, files: list[str], size: tuple[int, int], mode: str
+    out_path: str,
+    offset: int,
+    start: int,
+    files: list[str],
+    size: tuple[int, int],
+    mode: str,
+    max_pixels: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``files`` into rows ``start..`` of the ``.npy`` output, whose data begins at
     byte ``offset``: one positioned write per chunk (no memory map, so a worker's memory is
@@ -115,7 +110,7 @@ def _decode_chunk(
     rows = memoryview(block).cast("B")
     step = block[0].nbytes
     for i, name in enumerate(files):
-        rows[i * step : (i + 1) * step] = _decode_pixels(name, size, mode)
+        rows[i * step : (i + 1) * step] = _decode_pixels(name, size, mode, max_pixels)
     fd = os.open(out_path, os.O_WRONLY)
     try:
         view, position = rows, offset + start * step
@@ -131,7 +126,12 @@ def _decode_chunk(
 
 
 def _decode_all(
-    splits: dict[str, RawSplit], out_dir: Path, size: tuple[int, int], mode: str, workers: int
+    splits: dict[str, RawSplit],
+    out_dir: Path,
+    size: tuple[int, int],
+    mode: str,
+    workers: int,
+    max_pixels: int,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Decode every split into its images file with one pool of ``workers`` processes.
 
@@ -164,7 +164,7 @@ def _decode_all(
     with tqdm(total=total_images, unit="img", desc="decode", disable=None, leave=False) as bar:
         if workers <= 1 or total_images <= chunk:
             for name, path, offset, start, files in tasks():
-                add(name, _decode_chunk(path, offset, start, files, size, mode))
+                add(name, _decode_chunk(path, offset, start, files, size, mode, max_pixels))
                 bar.update(len(files))
             return stats
         pending = tasks()
@@ -174,7 +174,9 @@ def _decode_all(
 
             def submit_next() -> None:
                 for name, path, offset, start, files in itertools.islice(pending, 1):
-                    future = pool.submit(_decode_chunk, path, offset, start, files, size, mode)
+                    future = pool.submit(
+                        _decode_chunk, path, offset, start, files, size, mode, max_pixels
+                    )
                     running[future] = (name, len(files))
 
             for _ in range(workers * 3):
@@ -198,17 +200,19 @@ def process_dataset(
     raw_data_dir_path: str | os.PathLike[str],
     processed_data_dir_path: str | os.PathLike[str],
     num_workers: int = 0,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> dict:
     """Validate the raw dataset, decode it on all cores and write the processed arrays.
 
     Everything is written into a temp directory that replaces the output only
-    when complete, so a failure leaves the previous output untouched.
+    when complete, so a failure leaves the previous output untouched. An image whose
+    header declares more than ``max_image_pixels`` pixels (0: no limit) is refused.
     Returns the metadata document written with it.
     """
     splits = read_raw_dataset(raw_data_dir_path)
     classes = sort_labels(set(splits["train"].label_names))
     index = {label: i for i, label in enumerate(classes)}
-    reference = _open_image(Path(splits["train"].path(0)))
+    reference = _reference_image(splits["train"].path(0), max_image_pixels)
     size, mode = reference.size, reference.mode
     channels = _channels(mode)
     workers = num_workers if num_workers > 0 else available_cpus()
@@ -225,7 +229,7 @@ def process_dataset(
 
     class_counts: dict[str, dict[str, int]] = {}
     with atomic_dir(processed_data_dir_path) as tmp:
-        stats = _decode_all(splits, tmp, size, mode, workers)
+        stats = _decode_all(splits, tmp, size, mode, workers, max_image_pixels)
         for name, split in splits.items():
             to_class = np.array([index[label] for label in split.label_names], dtype=np.int64)
             codes = np.frombuffer(split.codes, dtype=np.intc)

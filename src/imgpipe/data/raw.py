@@ -1,7 +1,9 @@
 """The raw layout users bring: find its splits, read and validate their CSVs.
 
 Validation happens here, once, before any pixel is decoded: every error names
-the file and line at fault, and nothing is written.
+the file and line at fault, and nothing is written. What may be read at all (regular
+files inside the dataset, links into DVC's cache) is decided by ``files.DatasetGuard``
+while the folders are listed, from the directory entries and without opening anything.
 """
 
 from __future__ import annotations
@@ -9,16 +11,17 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import stat
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from imgpipe.data.files import IMAGE_SUFFIXES, DatasetGuard
 from imgpipe.errors import PipelineError
 
 # One logger name for the whole data stage, as its log lines have always carried.
 log = logging.getLogger("imgpipe.data")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 REQUIRED_SPLITS = ("train", "test")
 
 
@@ -50,19 +53,62 @@ class RawSplit:
         ]
 
 
-def _scan_split(split_dir: Path) -> dict[str, set[str]]:
-    """Image file names per class folder of one split."""
+def _scan_folder(guard: DatasetGuard, folder: str) -> tuple[set[str], dict[str, str]]:
+    """A class folder's image file names that may be read, and why the others may not.
+
+    A regular file in a folder that is inside the dataset is inside too: its directory
+    entry says so without a ``stat``. Only links are resolved.
+    """
+    readable: set[str] = set()
+    refused: dict[str, str] = {}
+    with os.scandir(folder) as images:
+        for e in images:
+            if not e.name.lower().endswith(IMAGE_SUFFIXES):
+                continue
+            if e.is_file(follow_symlinks=False):
+                readable.add(e.name)
+                continue
+            why = guard.link_refusal(e.path) if e.is_symlink() else "is not a regular file"
+            if why is None:
+                readable.add(e.name)
+            else:
+                refused[e.name] = why
+    return readable, refused
+
+
+def _scan_split(
+    guard: DatasetGuard, split_dir: Path
+) -> tuple[dict[str, set[str]], dict[str, dict[str, str]]]:
+    """Image file names per class folder of one split, readable and refused.
+
+    Links are not followed out of the dataset: a split or class folder that leads
+    outside is refused before it is listed.
+    """
     found: dict[str, set[str]] = {}
+    refused: dict[str, dict[str, str]] = {}
+    if split_dir.is_symlink() and (why := guard.folder_refusal(str(split_dir))):
+        raise PipelineError(f"folder {split_dir} {why}")
     if not split_dir.is_dir():
-        return found
+        return found, refused
     with os.scandir(split_dir) as classes:
         for entry in classes:
-            if entry.is_dir():
-                with os.scandir(entry.path) as images:
-                    found[entry.name] = {
-                        e.name for e in images if e.name.lower().endswith(IMAGE_SUFFIXES)
-                    }
-    return found
+            if entry.is_symlink():
+                if not entry.is_dir():  # follows the link: a stat, which never blocks
+                    continue
+                why = guard.folder_refusal(entry.path)
+                if why:
+                    raise PipelineError(f"class folder {entry.path} {why}")
+            elif not entry.is_dir(follow_symlinks=False):
+                continue
+            found[entry.name], refused[entry.name] = _scan_folder(guard, entry.path)
+    return found, refused
+
+
+def _is_regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def sort_labels(labels: set[str]) -> list[str]:
@@ -72,7 +118,7 @@ def sort_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
+def _read_split_csv(guard: DatasetGuard, raw_dir: Path, csv_path: Path) -> RawSplit:
     """Validate one split's CSV row by row as it streams in (no copy of the rows is kept).
 
     One directory scan replaces a stat per row; each listed file is taken out of the scan's
@@ -80,13 +126,19 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
     """
     split = csv_path.stem
     root = str(raw_dir)
-    on_disk = _scan_split(raw_dir / split)
-    empty_folders = [label for label, names in sorted(on_disk.items()) if not names]
+    on_disk, refused = _scan_split(guard, raw_dir / split)
+    empty_folders = [
+        label for label, names in sorted(on_disk.items()) if not names and not refused[label]
+    ]
     label_code: dict[str, int] = {}
     codes = array("i")
     files: list[str] = []
     try:
-        with open(csv_path, newline="", encoding="utf-8") as fh:
+        why = guard.file_refusal(str(csv_path))
+        if why:
+            raise PipelineError(f"{csv_path} {why}")
+        # utf-8-sig: Excel's "CSV UTF-8" starts the file with a byte-order mark.
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             fields = [f.strip() for f in next(reader, [])]
             if "filepath" not in fields or "label" not in fields:
@@ -120,7 +172,15 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
                 name = parts[2]
                 if unlisted is None or name not in unlisted:
                     path = os.path.join(root, rel)
-                    if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path):
+                    why = refused.get(label, {}).get(name)
+                    if why:
+                        raise PipelineError(f"{csv_path} line {line}: {path} {why}")
+                    if not name.lower().endswith(IMAGE_SUFFIXES):
+                        raise PipelineError(
+                            f"{csv_path} line {line}: {path}: unsupported image format "
+                            f"(supported: {', '.join(IMAGE_SUFFIXES)})"
+                        )
+                    if _is_regular(path):
                         raise PipelineError(f"{csv_path} line {line}: duplicate filepath {rel!r}")
                     raise PipelineError(f"{csv_path} line {line}: image file not found: {path}")
                 unlisted.remove(name)
@@ -137,7 +197,9 @@ def _read_split_csv(raw_dir: Path, csv_path: Path) -> RawSplit:
     # A class folder with no images is almost always a failed copy: say so.
     if empty_folders:
         raise PipelineError(f"class folder {raw_dir / split / empty_folders[0]} has no images")
-    unlisted_count = sum(len(names) for names in on_disk.values())
+    unlisted_count = sum(len(names) for names in on_disk.values()) + sum(
+        len(names) for names in refused.values()
+    )
     if unlisted_count > 0:
         log.warning(
             "%d image(s) under %s are not listed in %s; ignored",
@@ -163,7 +225,8 @@ def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
         raise PipelineError(
             f"raw data directory {raw}: missing {', '.join(s + '.csv' for s in missing)}"
         )
-    splits = {p.stem: _read_split_csv(raw, p) for p in csvs}
+    guard = DatasetGuard(raw)
+    splits = {p.stem: _read_split_csv(guard, raw, p) for p in csvs}
     train_classes = set(splits["train"].label_names)
     for name, split in splits.items():
         extra = set(split.label_names) - train_classes
