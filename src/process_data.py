@@ -29,4 +29,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_entry(main, "process_data", ProcessDataConfig)
+    # Every output is written to a temp file and renamed: a stop anywhere is clean.
+    run_entry(main, "process_data", ProcessDataConfig, immediate=True)

@@ -1,7 +1,9 @@
-"""Shared plumbing for the Hydra entry points: params layering and one-line errors."""
+"""Shared plumbing for the Hydra entry points: params layering, one-line errors, the stop
+signals (``imgpipe.stop``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -9,6 +11,7 @@ from typing import Any, NoReturn, TypeVar
 
 from imgpipe.config import conf_dir, params_file_overrides, to_schema
 from imgpipe.errors import PipelineError
+from imgpipe.stop import Stopped, install
 
 T = TypeVar("T")
 
@@ -20,12 +23,24 @@ def fail(exc: BaseException) -> NoReturn:
     sys.exit(2)
 
 
+def stopped(exc: Stopped) -> NoReturn:
+    """Print one line saying the run stopped on request and how to go on; exit 128 + signal."""
+    line = f"stopped by {exc.signame}{exc.where or ': earlier outputs are intact, run it again'}"
+    logging.getLogger("imgpipe").debug(line)
+    with contextlib.suppress(OSError):  # the launcher (and its end of the pipe) may be gone
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(exc.exit_code)
+
+
 def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn``; a PipelineError becomes one line and exit status 2."""
+    """Run ``fn``; a PipelineError becomes one line and exit status 2, a stop (SIGTERM,
+    SIGINT) one line and 143 or 130."""
     try:
         return fn(*args, **kwargs)
     except PipelineError as exc:
         fail(exc)
+    except Stopped as exc:
+        stopped(exc)
 
 
 def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> None:
@@ -67,11 +82,28 @@ def run_entry(
     config_name: str,
     schema: type,
     sweep: Callable[[list[str]], None] | None = None,
+    *,
+    immediate: bool = False,
 ) -> None:
     """Layer params.yaml (under DVC), validate the overrides, then hand over to Hydra.
 
     ``--multirun`` goes to ``sweep`` (given by the entry point that has one) instead.
+    ``immediate``: SIGTERM/SIGINT stop the command wherever it is (its outputs are all
+    written atomically), instead of at the next batch boundary (see ``imgpipe.stop``).
     """
+    install(immediate=immediate)
+    try:
+        _run_entry(hydra_main, config_name, schema, sweep)
+    except Stopped as exc:  # an immediate stop outside ``guarded`` (Hydra's own set-up)
+        stopped(exc)
+
+
+def _run_entry(
+    hydra_main: Callable[[], Any],
+    config_name: str,
+    schema: type,
+    sweep: Callable[[list[str]], None] | None,
+) -> None:
     argv = sys.argv[1:]
     multirun = "--multirun" in argv or "-m" in argv
     if multirun and sweep is not None:

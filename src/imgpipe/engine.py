@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,14 +128,18 @@ def train_one_epoch(
     epoch: int,
     log_interval: int,
     bf16: bool = False,
-) -> EpochResult:
-    """Train one pass over ``data`` in an order drawn from ``generator``."""
+    should_stop: Callable[[], bool] | None = None,
+) -> EpochResult | None:
+    """Train one pass over ``data`` in an order drawn from ``generator``. None when
+    ``should_stop`` (asked before every batch) says so: the epoch is abandoned."""
     model.train()
     total_loss = torch.zeros((), device=data.device)
     correct = torch.zeros((), dtype=torch.long, device=data.device)
     n = len(data)
     seen = 0
     for step, index in enumerate(shuffled_batches(n, batch_size, generator), start=1):
+        if should_stop is not None and should_stop():
+            return None
         x, y = data.batch(index)
         optimizer.zero_grad(set_to_none=True)
         with autocast(data.device, bf16):

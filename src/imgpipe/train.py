@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from imgpipe import checkpoint
+from imgpipe import checkpoint, stop
 from imgpipe.checkpoint import TrainingState
 from imgpipe.config import TRAJECTORY, TrainConfig, result_keys
 from imgpipe.data.processed import ProcessedData, load_processed
@@ -138,7 +138,10 @@ def _train(cfg: TrainConfig, parent_run_id: str | None, tags: dict[str, str] | N
                 epoch,
                 cfg.log_interval,
                 bf16=cfg.bf16,
+                should_stop=stop.requested,
             )
+            if fit is None:  # SIGTERM/SIGINT: this epoch is dropped, the last checkpoint stands
+                raise stop.stopped(f" after epoch {epoch - 1}: resume with resume=true")
             fit_s += time.perf_counter() - t0
             check_finite(fit, epoch, cfg.lr, tracker.run_id)
             parts.scheduler.step()

@@ -14,7 +14,9 @@ ours, because the sweeper's waits for the slowest trial of each batch, runs
   holds ``n_trials`` finished trials in total;
 - a trial whose worker died is failed (at once when the process was on this
   machine, after the heartbeat's grace period otherwise) and retried with the
-  same params, resuming its own checkpoint.
+  same params, resuming its own checkpoint;
+- SIGTERM/SIGINT to the main process stops every worker at a batch boundary
+  (``worker.run_workers``); their trials are queued to resume on the next run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import warnings
 from typing import Any
 
 from imgpipe.redact import redact_url
+from imgpipe.stop import Stopped
 from imgpipe.sweep.results import completed_ms, result_paths, write_results
 from imgpipe.sweep.settings import SweepSettings, load_settings
 from imgpipe.sweep.study import census, create_or_load_study, open_storage, prepare_study
@@ -83,7 +86,7 @@ def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:
         best = write_results(study, settings)
         best_at_ms = completed_ms(study, best)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         status = "KILLED"
         raise
     finally:
@@ -100,7 +103,7 @@ def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:
 
 def main(config_name: str, argv: list[str]) -> None:
     """``python -u src/train_model.py --multirun [overrides]``: the sweep as a command."""
-    from imgpipe.cli import fail
+    from imgpipe.cli import fail, stopped
     from imgpipe.config import TrainConfig, params_file_overrides
     from imgpipe.errors import PipelineError
     from imgpipe.logs import setup_logging
@@ -111,3 +114,5 @@ def main(config_name: str, argv: list[str]) -> None:
         run_sweep(settings)
     except PipelineError as exc:
         fail(exc)
+    except Stopped as exc:  # stopped trials are queued: they resume their own checkpoints
+        stopped(Stopped(exc.signum, ": run the sweep again to continue it"))

@@ -7,16 +7,19 @@ import hashlib
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from imgpipe import stop
 from imgpipe.config import TrainConfig, to_schema
 from imgpipe.errors import PipelineError
 from imgpipe.sweep.settings import SweepSettings, _distributions
 from imgpipe.sweep.study import (
+    MAX_RETRY,
     census,
     counts_towards_n_trials,
     fail_dead_local_trials,
@@ -27,6 +30,9 @@ from imgpipe.tracking.store import HPTUNING_TAG_ENV
 log = logging.getLogger(__package__)  # the sweep's lines read "imgpipe.sweep: ..."
 
 POLL_S = 1.0
+# `docker stop` kills after 10 s, Kubernetes after 30 s: workers stop at a batch boundary
+# long before this, and the main process still has time to end the parent run.
+STOP_GRACE_S = 7.0
 
 
 # --------------------------------------------------------------------------- sampler
@@ -124,6 +130,9 @@ def run_trial(
     started = time.perf_counter()
     try:
         result = _train_trial(trial, settings, study, distributions, index)
+    except stop.Stopped:
+        _retry_later(study, trial)
+        raise
     except Exception as exc:  # Ctrl-C is not a failure: that trial is retried next time
         if run_id := getattr(exc, "run_id", None):
             trial.set_user_attr("mlflow_run_id", run_id)
@@ -141,6 +150,19 @@ def run_trial(
     if not all(math.isfinite(v) for v in values):
         trial.set_user_attr("failure", f"non-finite objective {values}")  # Optuna fails it
     return values[: len(settings.directions)]
+
+
+def _retry_later(study, trial) -> None:
+    """A stopped trial is no failure: FAIL it without a ``failure`` (so it does not count
+    towards n_trials) and queue its retry, which resumes the trial's own checkpoint. Done
+    here, not left to the dead-pid check, so a worker on any machine is retried at once."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
+    log.warning("trial %d stopped: the next run of the sweep continues it", trial.number)
 
 
 # --------------------------------------------------------------------------- workers
@@ -174,6 +196,7 @@ def run_worker(settings: SweepSettings, index: int) -> int:
             raise PipelineError(
                 f"sweep worker {index} ran {ran} trials without the study finishing"
             )
+        stop.check()  # between trials: no new one once a stop was asked for
         optuna.storages.fail_stale_trials(study)
         fail_dead_local_trials(study)
         now = census(study)
@@ -187,15 +210,39 @@ def run_worker(settings: SweepSettings, index: int) -> int:
     return ran
 
 
-def _worker_entry(settings: SweepSettings, index: int, log_dir: str) -> None:
+def _worker_entry(settings: SweepSettings, index: int, log_dir: str, parent: int) -> None:
     from imgpipe.logs import setup_logging
 
+    # Its own process group: a terminal's Ctrl-C or a signal to the main process's group
+    # reaches the main process only, which passes it on once (a second would be "now").
+    os.setpgid(0, 0)
+    stop.die_with_parent(parent)  # a main process killed by SIGKILL leaves no worker behind
+    stop.install(watch_launchers=False)
     setup_logging(log_dir)
     try:
         run_worker(settings, index)
     except PipelineError as exc:
         log.error("worker %d: %s", index, exc)
         raise SystemExit(2) from None
+    except stop.Stopped as exc:
+        log.info("worker %d stopped by %s", index, exc.signame)
+        raise SystemExit(exc.exit_code) from None
+
+
+def _stop_workers(procs: list, signum: int) -> None:
+    """Pass the stop on, give the workers ``STOP_GRACE_S`` to stop at a batch boundary,
+    then kill what is left (its trial is retried, as for any dead worker)."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signum)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            log.warning("%s did not stop within %ss: killing it", p.name, STOP_GRACE_S)
+            p.kill()
+            p.join()
 
 
 def run_workers(settings: SweepSettings) -> None:
@@ -207,7 +254,7 @@ def run_workers(settings: SweepSettings) -> None:
     procs = [
         ctx.Process(
             target=_worker_entry,
-            args=(settings, i, settings.base["log_dir"]),
+            args=(settings, i, settings.base["log_dir"], os.getpid()),
             name=f"sweep-worker-{i}",
         )
         for i in range(settings.n_jobs)
@@ -215,8 +262,12 @@ def run_workers(settings: SweepSettings) -> None:
     for p in procs:
         p.start()
     try:
-        for p in procs:
-            p.join()
+        while any(p.is_alive() for p in procs):
+            multiprocessing.connection.wait([p.sentinel for p in procs], timeout=POLL_S)
+            if stop.requested():
+                stopped = stop.stopped("")
+                _stop_workers(procs, stopped.signum)
+                raise stopped
     except BaseException:
         for p in procs:
             p.terminate()

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from imgpipe.redact import redact_url
+from imgpipe.stop import Stopped
 from imgpipe.tracking.cost import CostMeter, metered
 from imgpipe.tracking.live import LiveLog
 from imgpipe.tracking.mlflow_run import MlflowRun, RunSpec
@@ -84,7 +85,7 @@ class Tracker:
             return
         if exc_type is None:
             status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt):
+        elif issubclass(exc_type, (KeyboardInterrupt, Stopped)):
             status = "KILLED"
         else:
             status = "FAILED"
