@@ -48,7 +48,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
 .PHONY: help setup data params run process-data train sweep build push mlflow-server mlflow-ui \
-	test bench lint params-check format clean
+	mlflow-sync test bench lint params-check format clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -146,6 +146,9 @@ mlflow-server: $(SETUP) ## MLflow server on the project's store, 127.0.0.1:5000 
 	  --host $(if $(filter local,$(SERVER_RUNTIME)),$(MLFLOW_HOST) --port $(MLFLOW_PORT),0.0.0.0 --port 5000)
 
 mlflow-ui: mlflow-server ## Alias of mlflow-server
+
+mlflow-sync: $(SETUP) ## After a tracking outage: log what the MLflow run of models/ lacks (CHECKPOINT_DIR=models)
+	$(PY) -m imgpipe.tracking.sync $(or $(CHECKPOINT_DIR),models)
 
 clean: ## Remove caches and logs (keeps data, models, mlruns and .venv)
 	rm -rf logs .pytest_cache .ruff_cache outputs multirun

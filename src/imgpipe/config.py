@@ -70,6 +70,7 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = None
     mlflow_exp_name: str = "image-classification"
     mlflow_run_name: str = "train"
+    mlflow_outage_wait_s: float = 120.0
     data_dir_path: str = "data/processed"
     model_checkpoint_interval: int = 1
     model_checkpoint_dir_path: str = "models"
@@ -90,6 +91,12 @@ class TrainConfig:
         _check(self.test_bs >= 1, "test_bs", self.test_bs, ">= 1")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
+        _check(
+            self.mlflow_outage_wait_s >= 0,
+            "mlflow_outage_wait_s",
+            self.mlflow_outage_wait_s,
+            ">= 0",
+        )
         _check(
             self.model_checkpoint_interval >= 1,
             "model_checkpoint_interval",

@@ -267,6 +267,8 @@ def run_spec(
         dicts={"metadata.json": describe(data)},
         autolog=cfg.mlflow_autolog,
         system_metrics=cfg.mlflow_system_metrics,
+        outage_wait_s=cfg.mlflow_outage_wait_s,
+        checkpoint_dir=cfg.model_checkpoint_dir_path,
     )
 
 

@@ -98,8 +98,10 @@ class Tracker:
 
     @metered
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
-        """Write already-completed epochs into dvclive (MLflow holds them already)."""
+        """Write already-completed epochs into dvclive; MLflow gets those it lacks."""
         self._live.replay(history)
+        if self._run is not None:
+            self._run.replay(history)
 
     @metered
     def set_tags(self, tags: Mapping[str, str]) -> None:

@@ -1,11 +1,17 @@
-"""One MLflow run's life: created (or resumed) on a background thread, one batch per epoch,
-the model, and an end status that matches how training ended."""
+"""One MLflow run's life: created (or resumed) on a background thread, one batch per epoch
+sent through the outbox (``outbox``: off the training thread, kept through outages), the
+model, and an end status that matches how training ended.
+
+A server that is gone at the end is waited for ``outage_wait_s``; after that the run ends
+without it: one line names what is missing and the command that adds it later
+(``imgpipe.tracking.sync``), and training still succeeds."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +19,7 @@ from typing import Any
 from imgpipe.errors import PipelineError
 from imgpipe.redact import redact_url
 from imgpipe.tracking.cost import CostMeter
+from imgpipe.tracking.outbox import Batch, Outbox, missing_batches, send_failures
 from imgpipe.tracking.store import ensure_experiment
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,8 @@ class RunSpec:
     dicts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # JSON artifacts
     autolog: bool = False
     system_metrics: bool = False
+    outage_wait_s: float = 120.0  # at the end, how long to wait for a server that is gone
+    checkpoint_dir: str | None = None  # named in the command that completes the run later
 
 
 class MlflowRun:
@@ -48,6 +57,9 @@ class MlflowRun:
         self._start_error: BaseException | None = None
         # On resume: steps MLflow already holds per metric, so no epoch is logged twice.
         self._logged_steps: dict[str, set[int]] = {}
+        self._outbox: Outbox | None = None
+        self._replay: list[Mapping[str, Any]] = []  # the checkpoint's epochs, on resume
+        self._model: tuple[Any, Any] | None = None  # logged at the end, after the metrics
 
     def start(self) -> None:
         """Create or reopen the run on a thread: the first epoch trains meanwhile (torch
@@ -70,6 +82,7 @@ class MlflowRun:
         from mlflow.entities import Param
 
         spec = self.spec
+        hide_secret_urls(spec.tracking_uri)
         self._client = client = MlflowClient(spec.tracking_uri)
         try:
             experiment_id = ensure_experiment(spec.tracking_uri, spec.experiment_name)
@@ -133,66 +146,153 @@ class MlflowRun:
                     mlflow.autolog(log_models=False, silent=True)
                 mlflow.start_run(run_id=self.run_id, log_system_metrics=self.spec.system_metrics)
                 self._fluent = True
+            self._open_outbox()
         return self.run_id
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
+    def _open_outbox(self) -> None:
+        """Start sending; on resume, first the checkpoint's epochs the run lacks (a kill or
+        an outage before the last checkpoint left them out of MLflow)."""
+        if self._outbox is not None or self.run_id is None:
+            return
+        self._outbox = Outbox(self.spec.tracking_uri, self.run_id, self.cost)
+        for batch in missing_batches(self._replay, self._logged_steps):
+            log.info("epoch %s is missing from MLflow run %s: sent now", batch.step, self.run_id)
+            self._outbox.put(batch)
+            for name in batch.metrics:
+                self._logged_steps.setdefault(name, set()).add(batch.step or 0)
 
+    def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """The resumed checkpoint's epochs: those the run lacks are sent once it is open."""
+        self._replay = list(history)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
         self.wait()
-        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        assert self._outbox is not None
+        self._outbox.put(Batch(None, tags=dict(tags)))
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
-        """One batch request per epoch; steps the run already holds are not sent again."""
-        from mlflow.entities import Metric
-
+        """One batch per epoch, queued; steps the run already holds are not sent again."""
         self.wait()
         fresh = {k: v for k, v in metrics.items() if step not in self._logged_steps.get(k, ())}
         if len(fresh) < len(metrics):
             log.info("epoch %d is already in MLflow run %s: not logged again", step, self.run_id)
         if fresh:
-            now = int(time.time() * 1000)
-            self._client.log_batch(
-                self.run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()]
-            )
+            assert self._outbox is not None
+            self._outbox.put(Batch(step, dict(fresh)))
 
     def log_model(self, model: Any, example: Any) -> None:
-        """The trained model as an MLflow model (loadable with mlflow.pytorch.load_model)."""
-        import mlflow
-        import torch
-
-        self.wait()
-        model = model.cpu().eval()
-        mlflow.set_tracking_uri(self.spec.tracking_uri)
-        # "pt2" (torch.export) loads without running pickled code; it traces with the example.
-        # Explicit requirements: inferring them imports and inspects the whole env.
-        # No serving-input validation: MLflow would load the model back and predict on the
-        # example on every run; the project's tests load logged models through pyfunc and
-        # predict instead. (MLflow also hands this keyword to the flavor's save: "pt2"
-        # ignores it, "pickle" would not.)
-        kwargs = {
-            "name": "model",
-            "input_example": example.cpu().numpy(),
-            "serialization_format": "pt2",
-            "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
-            "validate_serving_input": False,
-        }
-        if self._fluent:
-            mlflow.pytorch.log_model(model, **kwargs)
-        else:
-            with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(model, **kwargs)
+        """The trained model, logged at the end once the metrics are in (see ``end``)."""
+        self._model = (model, example)
 
     def end(self, status: str) -> None:
-        """FINISHED, FAILED or KILLED; a run that never started has nothing to end."""
+        """Deliver what is queued, log the model, set the status (FINISHED, FAILED or
+        KILLED). While the server is gone this waits ``outage_wait_s`` (a few seconds at
+        most for a failed or stopped run, whose grace is short) and then leaves the rest,
+        said in one line, to the sync command; it never raises for an outage."""
         if self._starter is not None:  # failed before the run was needed
             self._starter.join()
             self._starter = None
+        if not self.run_id or self._client is None:
+            return
+        self._open_outbox()
+        assert self._outbox is not None
+        wait_s = (
+            self.spec.outage_wait_s if status == "FINISHED" else min(self.spec.outage_wait_s, 5)
+        )
+        complete = self._outbox.drain(wait_s)
+        self._outbox.close()
+        model_missing = self._model is not None
+        if complete and self._model is not None:
+            try:
+                self._log_model(*self._model)
+                model_missing = False
+            except send_failures():
+                complete = False
+        if complete:
+            try:
+                self._set_status(status)
+                return
+            except send_failures():
+                pass
+        from imgpipe.tracking.sync import sync_command  # runs as a module (-m): not at import
+
+        self._forget_fluent_run()
+        log.warning(
+            "MLflow run %s at %s is incomplete (%s; status %s not set): the checkpoint, "
+            "model.pt and dvclive are complete; add the rest later with: %s",
+            self.run_id,
+            redact_url(self.spec.tracking_uri),
+            _missing(self._outbox.pending_steps(), model_missing),
+            status,
+            sync_command(self.spec.checkpoint_dir, self.spec.tracking_uri),
+        )
+
+    def _log_model(self, model: Any, example: Any) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.spec.tracking_uri)
+        if self._fluent:
+            log_pytorch_model(model, example)
+        else:
+            with mlflow.start_run(run_id=self.run_id):
+                log_pytorch_model(model, example)
+
+    def _set_status(self, status: str) -> None:
         if self._fluent:
             import mlflow
 
+            self._fluent = False
             mlflow.end_run(status=status)
-        elif self.run_id and self._client is not None:
+        else:
             self._client.set_terminated(self.run_id, status=status)
+
+    def _forget_fluent_run(self) -> None:
+        """Leave no fluent run for MLflow's exit hook, which would try the server again."""
+        if self._fluent:
+            import mlflow
+
+            self._fluent = False
+            with contextlib.suppress(*send_failures()):
+                mlflow.end_run()
+
+
+def log_pytorch_model(model: Any, example: Any) -> None:
+    """``model`` into the active run as an MLflow model (mlflow.pytorch.load_model loads it)."""
+    import mlflow
+    import torch
+
+    model = model.cpu().eval()
+    # "pt2" (torch.export) loads without running pickled code; it traces with the example.
+    # Explicit requirements: inferring them imports and inspects the whole env.
+    # No serving-input validation: MLflow would load the model back and predict on the
+    # example on every run; the project's tests load logged models through pyfunc and
+    # predict instead. (MLflow also hands this keyword to the flavor's save: "pt2"
+    # ignores it, "pickle" would not.)
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=example.cpu().numpy(),
+        serialization_format="pt2",
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        validate_serving_input=False,
+    )
+
+
+def hide_secret_urls(tracking_uri: str) -> None:
+    """MLflow prints the run's URL, password included, whenever a run ends: not for one
+    that has a password."""
+    if redact_url(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+def _missing(steps: list[int], model: bool) -> str:
+    parts = []
+    if steps:
+        span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else str(steps[0])
+        parts.append(f"epochs {span} unsent" if len(steps) > 1 else f"epoch {span} unsent")
+    if model:
+        parts.append("the model unlogged")
+    return ", ".join(parts) or "nothing unsent"
 
 
 def _param_value(value: Any) -> Any:

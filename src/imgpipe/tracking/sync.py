@@ -1,0 +1,174 @@
+"""Complete an MLflow run from its checkpoint, after a tracking outage outlasted training.
+
+    python -m imgpipe.tracking.sync models                   # or: make mlflow-sync
+    python -m imgpipe.tracking.sync models --tracking-uri http://user:pass@host:5000
+
+The checkpoint is the source of truth for a run's history. This compares the run's
+metric history in MLflow with the checkpoint's epochs and logs exactly the missing steps
+into the same run; when the checkpoint finished its training, it logs the model from
+``model.pt`` if the run has none and marks the run FINISHED. Run it twice: nothing is
+logged twice. The tracking URI is ``--tracking-uri``, else the one the checkpoint was
+trained with (unless its password was hidden there), else ``MLFLOW_TRACKING_URI``, else the
+project's local store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from imgpipe.errors import PipelineError
+from imgpipe.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+
+def sync_command(checkpoint_dir: str | None, tracking_uri: str) -> str:
+    """The command that completes a run later from its checkpoint (printed, so no password)."""
+    folder = Path(checkpoint_dir or "models").resolve()
+    command = f"python -m imgpipe.tracking.sync {shlex.quote(str(folder))}"
+    if redact_url(tracking_uri) != tracking_uri:
+        command += " --tracking-uri <URL with its password>"
+    return command
+
+
+def tracking_uri_for(config: dict, given: str | None) -> str:
+    from imgpipe.tracking.store import resolve_tracking_uri
+
+    if given:
+        return given
+    trained = config.get("mlflow_tracking_uri")
+    if trained and "***" not in trained:
+        return trained
+    if trained and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise PipelineError(
+            f"the checkpoint's tracking URI {trained} hides its password: "
+            "pass --tracking-uri (or set MLFLOW_TRACKING_URI)"
+        )
+    return resolve_tracking_uri(None)
+
+
+def sync(checkpoint_dir: str | os.PathLike[str], tracking_uri: str | None = None) -> str:
+    """Log what the run lacks; return the one line that says what was done."""
+    from imgpipe import checkpoint
+    from imgpipe.tracking.mlflow_run import hide_secret_urls
+    from imgpipe.tracking.outbox import missing_batches, send_failures
+    from imgpipe.tracking.store import check_tracking_uri
+
+    folder = Path(checkpoint_dir)
+    found = checkpoint.load_latest(folder)
+    if found is None:
+        raise PipelineError(f"{folder}: no checkpoint to sync from")
+    state, path = found
+    if not state.run_id:
+        raise PipelineError(f"{path}: the checkpoint names no MLflow run (setup_mlflow=false?)")
+    uri = tracking_uri_for(state.config, tracking_uri)
+    check_tracking_uri(uri)
+    hide_secret_urls(uri)
+    shown = redact_url(uri)
+    try:
+        return _complete(state, folder, uri, missing_batches, send_failures())
+    except send_failures() as exc:
+        from imgpipe.tracking.outbox import failure_reason
+
+        raise PipelineError(
+            f"MLflow run {state.run_id} at {shown}: {failure_reason(exc, uri)}; "
+            "nothing is lost, run this again"
+        ) from None
+
+
+def _complete(state, folder: Path, uri: str, missing_batches, failures) -> str:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(uri)
+    run_id = state.run_id
+    try:
+        run = client.get_run(run_id)
+    except failures:
+        raise PipelineError(
+            f"MLflow run {run_id} (from {folder}) is not in {redact_url(uri)}; "
+            "pass the server that holds it with --tracking-uri"
+        ) from None
+    names = sorted({name for entry in state.history for name in entry["metrics"]})
+    logged = {name: {m.step for m in client.get_metric_history(run_id, name)} for name in names}
+    batches = missing_batches(state.history, logged)
+    for batch in batches:  # one request per epoch, in order: a failure leaves a clean prefix
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, v, batch.timestamp_ms, batch.step) for k, v in batch.metrics.items()
+            ],
+        )
+    done = [f"{len(batches)} epoch(s) logged" if batches else "no epoch missing"]
+    finished = state.epoch >= int(state.config.get("epochs", state.epoch))
+    model_file = folder / "model.pt"
+    if not finished:
+        done.append(
+            f"the checkpoint stops at epoch {state.epoch} of {state.config.get('epochs')}: "
+            "resume training (resume=true) to finish the run"
+        )
+    elif not _has_model(client, run):
+        if not model_file.is_file():
+            raise PipelineError(f"{model_file}: missing, so the run's model cannot be logged")
+        _log_model_file(model_file, uri, run_id)
+        done.append("the model logged")
+    if finished and run.info.status != "FINISHED":
+        client.set_terminated(run_id, status="FINISHED")
+        done.append("status FINISHED")
+    nothing = not batches and len(done) == 1 and finished
+    state_text = "already complete, nothing logged" if nothing else "; ".join(done)
+    return f"MLflow run {run_id} at {redact_url(uri)}: {state_text}"
+
+
+def _has_model(client, run) -> bool:
+    """A finished logged model from this run (a failed upload leaves one that is not READY)."""
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
+    return any(str(m.status).endswith("READY") for m in models)
+
+
+def _log_model_file(model_file: Path, uri: str, run_id: str) -> None:
+    """Rebuild the network from model.pt and log it as the run would have."""
+    import mlflow
+    import torch
+
+    from imgpipe import checkpoint
+    from imgpipe.model import MODEL_NAME, ConvNet
+    from imgpipe.tracking.mlflow_run import log_pytorch_model
+
+    saved = checkpoint.load(model_file)
+    if saved.get("model_name") != MODEL_NAME:
+        raise PipelineError(f"{model_file}: model {saved.get('model_name')!r}, not {MODEL_NAME}")
+    channels, height, width = saved["image_shape"]
+    model = ConvNet(channels, height, width, len(saved["classes"]))
+    model.load_state_dict(saved["state_dict"])
+    # The run logged two test images as its example; here only their shape is known.
+    example = torch.zeros(2, channels, height, width)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        log_pytorch_model(model, example)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m imgpipe.tracking.sync",
+        description="Log what an MLflow run lacks from its checkpoint (after an outage).",
+    )
+    parser.add_argument("checkpoint_dir", help="the training's model_checkpoint_dir_path")
+    parser.add_argument("--tracking-uri", help="the MLflow server or store holding the run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from imgpipe.cli import guarded
+
+    print(guarded(sync, args.checkpoint_dir, args.tracking_uri), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
