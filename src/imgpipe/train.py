@@ -62,6 +62,17 @@ class TrainResult:
     run_id: str | None
     timings: Timings
 
+    @classmethod
+    def of(cls, metrics: dict[str, float], run_id: str | None, timings: Timings) -> TrainResult:
+        return cls(
+            metrics["train/loss"],
+            metrics["train/accuracy"],
+            metrics["test/loss"],
+            metrics["test/accuracy"],
+            run_id,
+            timings,
+        )
+
     @property
     def objectives(self) -> tuple[float, float]:
         """What a sweep optimises: (test loss, test accuracy)."""
@@ -162,22 +173,11 @@ def _train(cfg: TrainConfig, parent_run_id: str | None, tags: dict[str, str] | N
         publish_model(tracker, parts.model, data, test_split, predicted, ckpt_dir)
 
     timings = Timings(
-        fit_s,
-        epochs_s,
-        time.perf_counter() - started,
-        tracker.blocking_s,
-        tracker.background_cpu_s,
-        first_step_s,
-    )
+        fit_s, epochs_s, time.perf_counter() - started, tracker.blocking_s,
+        tracker.background_cpu_s, first_step_s,
+    )  # fmt: skip
     log_done(timings, metrics)
-    return TrainResult(
-        metrics["train/loss"],
-        metrics["train/accuracy"],
-        metrics["test/loss"],
-        metrics["test/accuracy"],
-        tracker.run_id,
-        timings,
-    )
+    return TrainResult.of(metrics, tracker.run_id, timings)
 
 
 # --------------------------------------------------------------------------- the story's steps
@@ -264,7 +264,7 @@ def run_spec(
         resume_run_id=resume_run_id,
         metric_names=METRIC_NAMES,
         params=loggable_params(cfg) | {"device": str(device), "model": MODEL_NAME},
-        dicts={"metadata.json": describe(data)},
+        dicts={"metadata.json": data.describe()},
         autolog=cfg.mlflow_autolog,
         system_metrics=cfg.mlflow_system_metrics,
         outage_wait_s=cfg.mlflow_outage_wait_s,
@@ -394,17 +394,6 @@ def log_done(timings: Timings, metrics: dict[str, float]) -> None:
         metrics["test/loss"],
         metrics["test/accuracy"],
     )
-
-
-def describe(data: ProcessedData) -> dict[str, Any]:
-    """The data a run trained on, as the run's metadata.json artifact."""
-    return {
-        "classes": data.classes,
-        "image_shape": list(data.image_shape),
-        "normalization": {"mean": list(data.mean), "std": list(data.std)},
-        "train_count": len(data.train.labels),
-        "test_count": len(data.test.labels),
-    }
 
 
 def since_process_start() -> float:

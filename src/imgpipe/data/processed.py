@@ -116,6 +116,16 @@ class ProcessedData:
     train: Split
     test: Split
 
+    def describe(self) -> dict:
+        """What a run trained on, as the run's metadata.json artifact."""
+        return {
+            "classes": self.classes,
+            "image_shape": list(self.image_shape),
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "train_count": len(self.train.labels),
+            "test_count": len(self.test.labels),
+        }
+
 
 def _open(processed_dir: str | os.PathLike[str]) -> tuple[dict, ProcessedData]:
     """The metadata document and the arrays it describes, checked against each other."""
