@@ -202,7 +202,7 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     (line,) = [x for x in lines if "is incomplete" in x]
     models = tmp_path / "run" / "models"
     assert f"python -m imgpipe.tracking.sync {models}" in line
-    assert "--tracking-uri <URL" in line  # the URL has a password: the user supplies it
+    assert "MLFLOW_TRACKING_URI" in line  # the URL has a password: the user supplies it
     state, _ = checkpoint.load_latest(models)
     assert state.epoch == EPOCHS and (models / "model.pt").is_file()
     live = (tmp_path / "run" / "dvclive" / "plots" / "metrics" / "test" / "loss.tsv").read_text()
@@ -211,8 +211,9 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     server.start()
     run_id = state.run_id
     sync = [str(VENV / "bin" / "python"), "-m", "imgpipe.tracking.sync", str(models)]
-    sync += ["--tracking-uri", url]
-    first = subprocess.run(sync, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # The password travels in the environment, as the printed line says.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    first = subprocess.run(sync, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "s3cret" not in first.stdout + first.stderr
     got = history(server.url, run_id)
@@ -221,7 +222,7 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     assert MlflowClient(server.url).get_run(run_id).info.status == "FINISHED"
     assert ready_models(server.url, run_id) == 1
 
-    again = subprocess.run(sync, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(sync, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "nothing logged" in again.stdout
     assert history(server.url, run_id) == got

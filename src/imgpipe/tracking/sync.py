@@ -1,7 +1,9 @@
 """Complete an MLflow run from its checkpoint, after a tracking outage outlasted training.
 
     python -m imgpipe.tracking.sync models                   # or: make mlflow-sync
-    python -m imgpipe.tracking.sync models --tracking-uri http://user:pass@host:5000
+    python -m imgpipe.tracking.sync models --tracking-uri http://host:5000
+    # a password goes in the environment, never on a command line:
+    # MLFLOW_TRACKING_URI (the URL with it), or MLFLOW_TRACKING_USERNAME/_PASSWORD
 
 The checkpoint is the source of truth for a run's history. This compares the run's
 metric history in MLflow with the checkpoint's epochs and logs exactly the missing steps
@@ -32,7 +34,7 @@ def sync_command(checkpoint_dir: str | None, tracking_uri: str) -> str:
     folder = Path(checkpoint_dir or "models").resolve()
     command = f"python -m imgpipe.tracking.sync {shlex.quote(str(folder))}"
     if redact_url(tracking_uri) != tracking_uri:
-        command += " --tracking-uri <URL with its password>"
+        command += " (with MLFLOW_TRACKING_URI set to the server's URL with its password)"
     return command
 
 
@@ -47,7 +49,7 @@ def tracking_uri_for(config: dict, given: str | None) -> str:
     if trained and not os.environ.get("MLFLOW_TRACKING_URI"):
         raise PipelineError(
             f"the checkpoint's tracking URI {trained} hides its password: "
-            "pass --tracking-uri (or set MLFLOW_TRACKING_URI)"
+            "set MLFLOW_TRACKING_URI to the URL with its password"
         )
     return resolve_tracking_uri(None)
 
