@@ -21,6 +21,10 @@ log = logging.getLogger(__package__)  # the sweep's lines read "imgpipe.sweep: .
 HEARTBEAT_S = 10
 READY_WAIT_S = 60
 GRACE_S = 40
+# Where the defaults do not fit (a slow shared database, or a test that must not wait
+# 40 s for a dead machine), every worker of a study should set the same values.
+HEARTBEAT_ENV = "IMGPIPE_SWEEP_HEARTBEAT_S"
+GRACE_ENV = "IMGPIPE_SWEEP_GRACE_S"
 MAX_RETRY = 3  # how often a trial whose worker died is retried
 
 
@@ -34,10 +38,14 @@ def open_storage(url: str):
         return _journal_storage(Path(url.removeprefix("journal:")))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    heartbeat = _seconds_from_env(HEARTBEAT_ENV, HEARTBEAT_S)
+    grace = _seconds_from_env(GRACE_ENV, GRACE_S)
+    if grace <= heartbeat:  # a live worker would be judged dead between two heartbeats
+        raise PipelineError(f"{GRACE_ENV}={grace} must be above {HEARTBEAT_ENV}={heartbeat}")
     last: Exception | None = None
     for attempt in range(5):  # workers racing to create the tables: the losers retry
         try:
-            return _rdb_storage(url)
+            return _rdb_storage(url, heartbeat, grace)
         except ImportError as exc:
             raise PipelineError(
                 f"sweep storage {redact_url(url)}: database driver missing ({exc.name})"
@@ -61,7 +69,20 @@ def _journal_storage(path: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def _rdb_storage(url: str):
+def _seconds_from_env(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise PipelineError(f"{name}={text!r}: expected a whole number of seconds above 0")
+    return value
+
+
+def _rdb_storage(url: str, heartbeat: int, grace: int):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     engine_kwargs = (
@@ -70,8 +91,8 @@ def _rdb_storage(url: str):
     return RDBStorage(
         url,
         engine_kwargs=engine_kwargs,
-        heartbeat_interval=HEARTBEAT_S,
-        grace_period=GRACE_S,
+        heartbeat_interval=heartbeat,
+        grace_period=grace,
         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
     )
 
