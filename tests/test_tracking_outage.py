@@ -19,7 +19,14 @@ import pytest
 
 from conftest import VENV, free_port
 from imgpipe import checkpoint
-from imgpipe.testing import entry_point, run_outputs, train_config, wait_until_healthy
+from imgpipe.testing import (
+    entry_point,
+    run_outputs,
+    server_command,
+    server_env,
+    train_config,
+    wait_until_healthy,
+)
 from imgpipe.train import METRIC_NAMES, train
 
 EPOCHS = 3
@@ -37,21 +44,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        cmd = [
-            str(VENV / "bin" / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
-            "--default-artifact-root",
-            str(self.root / "artifacts"),
-        ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        cmd, env = server_command(self.port, self.root), server_env()
         with open(self.root / "server.log", "a") as log:
             # Its own session: the uvicorn worker it spawns dies with it on killpg.
             self.proc = subprocess.Popen(

@@ -119,7 +119,28 @@ def mlflow_server(
     """
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    cmd = [
+    cmd = server_command(port, root, workers=workers, store=store, artifacts=artifacts)
+    full_env = server_env(env)
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=full_env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_healthy(url, proc, root / "server.log", start_timeout)
+            yield Server(url, proc.pid)
+        finally:
+            stop(proc)
+
+
+def server_command(
+    port: int,
+    root: Path,
+    *,
+    workers: int | None = 1,
+    store: str | None = None,
+    artifacts: Path | None = None,
+) -> list[str]:
+    """The `mlflow server` command line on 127.0.0.1:``port``, its store under ``root``."""
+    return [
         str(VENV / "bin" / "mlflow"),
         "server",
         "--host",
@@ -132,16 +153,11 @@ def mlflow_server(
         "--default-artifact-root",
         str(artifacts or root / "artifacts"),
     ]
+
+
+def server_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     # As `make mlflow-ui` starts it: no GenAI job runner (8 idle processes on 2 cores).
-    full_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=full_env)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_until_healthy(url, proc, root / "server.log", start_timeout)
-            yield Server(url, proc.pid)
-        finally:
-            stop(proc)
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
