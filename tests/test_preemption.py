@@ -191,12 +191,14 @@ def test_sigterm_to_a_sweep_stops_every_worker_and_the_rerun_completes_n_trials(
         sample_processed,
         "hydra.sweeper.n_trials=3",
         f"hydra.sweeper.n_jobs={workers}",
-        "epochs=3",
+        # Trials long enough (several seconds) that the stop always lands inside one:
+        # with 3 epochs a fast machine finished both workers' trials before it arrived.
+        "epochs=10",
         "train_bs=32",
     )
     cmd = [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args]
     proc, lines = start(cmd, tmp_path)
-    wait_for(lines, "epoch 1/3", proc)
+    wait_for(lines, "epoch 1/10", proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 143, "".join(lines)
     (line,) = stop_lines("".join(lines))
