@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
+import sections  # noqa: E402
 
 from imgpipe.config import TrainConfig  # noqa: E402
 from imgpipe.cpus import available_cpus  # noqa: E402
@@ -704,6 +705,9 @@ def write_markdown(results: dict, table: list, path: Path) -> None:
         *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table),
         "",
     ]
+    # The topic benchmarks' sections (bench/sections.py) are kept as they were.
+    kept = sections.sections(path.read_text()) if path.is_file() else {}
+    lines += [block + "\n" for block in kept.values()]
     notes = path.with_name("NOTES.md")
     if notes.is_file():
         lines += [notes.read_text()]
