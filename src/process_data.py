@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
         config.processed_data_dir_path,
         num_workers=config.num_workers,
         max_image_pixels=config.max_image_pixels,
+        val_fraction=config.val_fraction,
     )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +84,23 @@ def write_dataset(root: Path, splits: dict[str, list[tuple[str, np.ndarray]]]) -
             rows.append(f"{rel},{label}")
         (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def carve_val_rows(rows: list[str], fraction: float = 0.1) -> tuple[list[str], list[str]]:
+    """A train.csv's ``filepath,label`` rows split into (train, val) as process_data carves
+    val, recomputed here from the paths alone (imgpipe.data.val_split's rule): per class,
+    the rows whose sha256("imgpipe-val:" + filepath) is smallest, round-half-up(n * fraction)
+    of them, at least 1 and at most n - 1. Both keep the listing order."""
+    by_label: dict[str, list[str]] = {}
+    for row in rows:
+        by_label.setdefault(row.split(",")[1], []).append(row)
+    to_val: set[str] = set()
+    for members in by_label.values():
+        n = len(members)
+        k = 0 if n < 2 else min(n - 1, max(1, int(n * fraction + 0.5)))
+        key = lambda row: hashlib.sha256(f"imgpipe-val:{row.split(',')[0]}".encode()).hexdigest()  # noqa: E731
+        to_val.update(sorted(members, key=key)[:k])
+    return [r for r in rows if r not in to_val], [r for r in rows if r in to_val]
 
 
 @pytest.fixture

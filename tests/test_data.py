@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import error_lines, run_script, write_dataset
+from conftest import carve_val_rows, error_lines, run_script, write_dataset
 from imgpipe.data import encode_png_gray, export_sample_digits, load_processed, process_dataset
 
 
@@ -56,8 +56,15 @@ def test_processing_the_sample_writes_arrays_and_metadata(
     meta = json.loads((sample_processed / "metadata.json").read_text())
     assert meta["classes"] == [str(d) for d in range(10)]
     assert meta["image_shape"] == [1, 8, 8]
-    assert meta["splits"]["train"]["count"] + meta["splits"]["test"]["count"] == 1797
-    assert sum(meta["splits"]["test"]["class_counts"].values()) == meta["splits"]["test"]["count"]
+    counts = {name: split["count"] for name, split in meta["splits"].items()}
+    assert sum(counts.values()) == 1797
+    # val is carved from train: 10% of each class (train.csv's rows, recomputed from paths).
+    rows = (sample_raw / "train.csv").read_text().splitlines()[1:]
+    train_rows, val_rows = carve_val_rows(rows)
+    assert (counts["train"], counts["val"]) == (len(train_rows), len(val_rows))
+    assert meta["validation"]["source"] == "carved from train"
+    for split in meta["splits"].values():
+        assert sum(split["class_counts"].values()) == split["count"]
     assert 0.1 < meta["normalization"]["mean"][0] < 0.5
     assert 0.2 < meta["normalization"]["std"][0] < 0.5
     assert sorted(p.name for p in sample_processed.iterdir()) == [
@@ -66,13 +73,18 @@ def test_processing_the_sample_writes_arrays_and_metadata(
         "test_labels.npy",
         "train_images.npy",
         "train_labels.npy",
+        "val_images.npy",
+        "val_labels.npy",
     ]
     data = load_processed(sample_processed)
-    # Row i of the arrays is exactly the i-th image listed in train.csv.
-    first = (sample_raw / "train.csv").read_text().splitlines()[1].split(",")
-    pixels = np.asarray(Image.open(sample_raw / first[0]))
-    np.testing.assert_array_equal(data.train.images[0, :, :, 0], pixels)
-    assert data.classes[data.train.labels[0]] == first[1]
+    # Row i of train (of val) is exactly the i-th image listed in train.csv that stayed in
+    # train (that went to val).
+    for split, split_rows in ((data.train, train_rows), (data.val, val_rows)):
+        for i in (0, len(split_rows) - 1):
+            path, label = split_rows[i].split(",")
+            pixels = np.asarray(Image.open(sample_raw / path))
+            np.testing.assert_array_equal(split.images[i, :, :, 0], pixels)
+            assert data.classes[split.labels[i]] == label
 
 
 def test_rgb_non_square_images_with_named_labels(tmp_path: Path) -> None:
@@ -90,7 +102,9 @@ def test_rgb_non_square_images_with_named_labels(tmp_path: Path) -> None:
     assert meta["classes"] == ["cat", "dog", "zebra"]
     assert meta["image_shape"] == [3, 10, 12]
     data = load_processed(tmp_path / "processed")
-    np.testing.assert_array_equal(data.train.images[0], items["train"][0][1])
+    rows = (raw / "train.csv").read_text().splitlines()[1:]
+    first = rows.index(carve_val_rows(rows)[0][0])
+    np.testing.assert_array_equal(data.train.images[0], items["train"][first][1])
     assert data.classes[data.train.labels[0]] == "zebra"
     assert len(meta["normalization"]["mean"]) == 3
 
@@ -109,11 +123,12 @@ def test_other_encodings_decode_like_pillow(small_raw: Path, tmp_path: Path) -> 
     (small_raw / "train.csv").write_text("\n".join(rows) + "\n")
 
     process_dataset(small_raw, tmp_path / "processed", num_workers=2)
-    images = load_processed(tmp_path / "processed").train.images
-    for i, row in enumerate(rows[1:]):
-        with Image.open(small_raw / row.split(",")[0]) as im:
-            expected = np.asarray(im.convert("L"))
-        np.testing.assert_array_equal(images[i][..., 0], expected, err_msg=row)
+    data = load_processed(tmp_path / "processed")
+    for split, split_rows in zip((data.train, data.val), carve_val_rows(rows[1:]), strict=True):
+        for i, row in enumerate(split_rows):
+            with Image.open(small_raw / row.split(",")[0]) as im:
+                expected = np.asarray(im.convert("L"))
+            np.testing.assert_array_equal(split.images[i][..., 0], expected, err_msg=row)
 
 
 def test_process_data_cli_writes_output(small_raw: Path, tmp_path: Path) -> None:

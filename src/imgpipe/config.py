@@ -33,10 +33,13 @@ class ProcessDataConfig:
     log_dir: str = "./logs"
     num_workers: int = 0  # 0: every available core
     max_image_pixels: int = 89_478_485  # refuse larger image headers; 0: no limit
+    val_fraction: float = 0.1  # of each class's train images, when the raw data has no val
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.max_image_pixels >= 0, "max_image_pixels", self.max_image_pixels, ">= 0")
+        # Never 0: tuning needs a val split, and tuning on test is what val is there to stop.
+        _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "> 0 and < 1")
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

@@ -7,14 +7,17 @@ Raw layout (what users bring, tracked by ``data.dvc``)::
 
 Processed layout (what ``process_data`` writes and ``train`` reads)::
 
-    data/processed/<split>_images.npy    uint8, shape (N, H, W, C), memory-mappable
+    data/processed/<split>_images.npy    uint8, shape (N, H, W, C), memory-mappable;
+                                         splits train, val (raw or carved) and test
     data/processed/<split>_labels.npy    int64 class indices, shape (N,)
-    data/processed/metadata.json         classes, image shape, counts, normalisation stats
+    data/processed/metadata.json         classes, image shape, counts, how val was made,
+                                         normalisation stats
 
 One module per stage of the data:
 
 - ``sample``: the sample digits exported into the raw layout (``python -m imgpipe.data``);
 - ``raw``: reading and validating the raw layout;
+- ``val_split``: the validation split, the raw one or one carved from train;
 - ``process``: decoding it on all cores into the processed layout (``process_data``);
 - ``processed``: the processed format itself, the only module that names its files
   and metadata keys; it writes them for ``process`` and reads them for ``train``.

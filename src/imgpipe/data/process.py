@@ -23,6 +23,7 @@ from imgpipe.cpus import available_cpus
 from imgpipe.data import processed
 from imgpipe.data.files import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from imgpipe.data.raw import RawSplit, read_raw_dataset, sort_labels
+from imgpipe.data.val_split import VAL_SPLIT, carve_val, describe_carve, describe_raw
 from imgpipe.errors import PipelineError
 
 # One logger name for the whole data stage, as its log lines have always carried.
@@ -201,18 +202,27 @@ def process_dataset(
     processed_data_dir_path: str | os.PathLike[str],
     num_workers: int = 0,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    val_fraction: float = 0.1,
 ) -> dict:
     """Validate the raw dataset, decode it on all cores and write the processed arrays.
 
     Everything is written into a temp directory that replaces the output only
     when complete, so a failure leaves the previous output untouched. An image whose
     header declares more than ``max_image_pixels`` pixels (0: no limit) is refused.
+    Without a raw val split, ``val_fraction`` of train becomes val (``val_split``).
     Returns the metadata document written with it.
     """
     splits = read_raw_dataset(raw_data_dir_path)
+    # The first image listed in train sets the dataset's size and mode, carved into val or not.
+    reference = _reference_image(splits["train"].path(0), max_image_pixels)
+    if VAL_SPLIT in splits:
+        validation = describe_raw()
+    else:
+        splits["train"], carved = carve_val(splits["train"], val_fraction)
+        splits = {"train": splits["train"], VAL_SPLIT: carved} | splits
+        validation = describe_carve(val_fraction)
     classes = sort_labels(set(splits["train"].label_names))
     index = {label: i for i, label in enumerate(classes)}
-    reference = _reference_image(splits["train"].path(0), max_image_pixels)
     size, mode = reference.size, reference.mode
     channels = _channels(mode)
     workers = num_workers if num_workers > 0 else available_cpus()
@@ -247,7 +257,13 @@ def process_dataset(
         var = np.maximum(total_sq / pixels / 255.0**2 - mean**2, 0.0)
         std = np.maximum(np.sqrt(var), 1e-6)  # a constant channel must not divide by zero
         metadata = processed.build_metadata(
-            classes, (channels, size[1], size[0]), mode, class_counts, mean, std
+            classes,
+            (channels, size[1], size[0]),
+            mode,
+            class_counts,
+            mean,
+            std,
+            validation=validation,
         )
         processed.write_metadata(tmp, metadata)
     log.info(

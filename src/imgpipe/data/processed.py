@@ -5,7 +5,10 @@ A processed directory (``data/processed``, what ``process_data`` writes and
 
     <split>_images.npy    uint8, shape (N, H, W, C), memory-mappable
     <split>_labels.npy    int64 class indices, shape (N,)
-    metadata.json         classes, image shape, counts, normalisation stats
+    metadata.json         classes, image shape, counts per split, how val was made,
+                          normalisation stats (of train alone)
+
+The splits are train, val and test (``SPLITS``); other raw splits are written too.
 
 Writers create each split's images file (``create_images``) and fill its rows
 themselves, then write the labels (``write_labels``) and the metadata built by
@@ -25,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from imgpipe.data.raw import REQUIRED_SPLITS
 from imgpipe.errors import PipelineError
 
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 1
+# 2: a val split (val_images.npy, val_labels.npy) and metadata's "validation" entry.
+FORMAT_VERSION = 2
+SPLITS = ("train", "val", "test")
 
 
 def images_file(split: str) -> str:
@@ -68,9 +72,12 @@ def build_metadata(
     class_counts: Mapping[str, Mapping[str, int]],
     mean: Sequence[float],
     std: Sequence[float],
+    *,
+    validation: Mapping[str, object],
 ) -> dict:
     """The metadata document: ``image_shape`` is (C, H, W), ``class_counts`` maps each
-    split to its number of images per label (labels it lacks count 0)."""
+    split to its number of images per label (labels it lacks count 0), ``validation``
+    says how the val split was made."""
     splits = {}
     for name, counts in class_counts.items():
         per_class = {label: int(counts.get(label, 0)) for label in classes}
@@ -87,6 +94,7 @@ def build_metadata(
         "image_shape": list(image_shape),
         "mode": mode,
         "splits": splits,
+        "validation": dict(validation),
         "normalization": {
             "mean": [round(float(m), 8) for m in mean],
             "std": [round(float(s), 8) for s in std],
@@ -114,7 +122,8 @@ class ProcessedData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     train: Split
-    test: Split
+    val: Split  # for tuning: the sweep's objectives
+    test: Split  # evaluated once, at the end
 
     def describe(self) -> dict:
         """What a run trained on, as the run's metadata.json artifact."""
@@ -123,6 +132,7 @@ class ProcessedData:
             "image_shape": list(self.image_shape),
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "train_count": len(self.train.labels),
+            "val_count": len(self.val.labels),
             "test_count": len(self.test.labels),
         }
 
@@ -137,13 +147,15 @@ def _open(processed_dir: str | os.PathLike[str]) -> tuple[dict, ProcessedData]:
         )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            age = "an older" if isinstance(version, int) and version < FORMAT_VERSION else "another"
             raise PipelineError(
-                f"{meta_path}: format_version {meta.get('format_version')} is not "
-                f"{FORMAT_VERSION}; re-run process_data"
+                f"{meta_path}: written by {age} version of process_data (format_version "
+                f"{version}, this one reads {FORMAT_VERSION}); re-run process_data"
             )
         splits = {}
-        for name in REQUIRED_SPLITS:
+        for name in SPLITS:
             entry = meta["splits"][name]
             images = np.load(root / entry["images"], mmap_mode="r")
             labels = np.load(root / entry["labels"], mmap_mode="r")
@@ -158,6 +170,7 @@ def _open(processed_dir: str | os.PathLike[str]) -> tuple[dict, ProcessedData]:
             mean=tuple(meta["normalization"]["mean"]),
             std=tuple(meta["normalization"]["std"]),
             train=splits["train"],
+            val=splits["val"],
             test=splits["test"],
         )
         return meta, data
@@ -177,8 +190,10 @@ def write_subset(
     out_dir: str | os.PathLike[str],
     n_train: int,
     n_test: int,
+    n_val: int | None = None,
 ) -> Path:
-    """Write a processed dataset of the first ``n_train``/``n_test`` images of each split.
+    """Write a processed dataset of the first ``n_train``/``n_val``/``n_test`` images of
+    each split (``n_val`` None: as many as ``n_test``).
 
     The normalisation stats stay the whole training set's, so a model trained on
     the subset sees its inputs scaled as on the whole.
@@ -187,7 +202,12 @@ def write_subset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     class_counts = {}
-    for name, split, n in (("train", data.train, n_train), ("test", data.test, n_test)):
+    cuts = (
+        ("train", data.train, n_train),
+        ("val", data.val, n_test if n_val is None else n_val),
+        ("test", data.test, n_test),
+    )
+    for name, split, n in cuts:
         np.save(out / images_file(name), split.images[:n])
         write_labels(out, name, split.labels[:n])
         per_class = np.bincount(split.labels[:n], minlength=len(data.classes))
@@ -195,7 +215,13 @@ def write_subset(
     write_metadata(
         out,
         build_metadata(
-            data.classes, data.image_shape, meta["mode"], class_counts, data.mean, data.std
+            data.classes,
+            data.image_shape,
+            meta["mode"],
+            class_counts,
+            data.mean,
+            data.std,
+            validation=meta["validation"],
         ),
     )
     return out

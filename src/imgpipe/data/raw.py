@@ -30,7 +30,8 @@ class RawSplit:
     """One split's rows, stored compactly (a label code per row, not a string): a split
     may list millions of images, and the parent process holds all of its rows.
 
-    Row ``i`` is the image ``<root>/<name>/<label_names[codes[i]]>/<files[i]>``.
+    Row ``i`` is the image ``<root>/<folder>/<label_names[codes[i]]>/<files[i]>``; the
+    folder is the split's name unless the split was carved out of another (val from train).
     """
 
     name: str
@@ -38,15 +39,20 @@ class RawSplit:
     label_names: list[str]  # distinct labels, in order of first appearance
     codes: array  # per row: index into label_names
     files: list[str]  # per row: the file name inside its class folder
+    folder: str = ""  # the split's folder under root; empty: its name
+
+    def __post_init__(self) -> None:
+        if not self.folder:
+            object.__setattr__(self, "folder", self.name)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.name, self.label_names[self.codes[i]], self.files[i])
+        return os.path.join(self.root, self.folder, self.label_names[self.codes[i]], self.files[i])
 
     def paths(self, start: int, stop: int) -> list[str]:
-        folders = [os.path.join(self.root, self.name, label) for label in self.label_names]
+        folders = [os.path.join(self.root, self.folder, label) for label in self.label_names]
         return [
             os.path.join(folders[code], name)
             for code, name in zip(self.codes[start:stop], self.files[start:stop], strict=True)
