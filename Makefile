@@ -12,8 +12,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= $(if $(DVC_ROOT),$(DVC_ROOT)/.venv,.venv)
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-# The stamp's name carries a checksum of pyproject.toml: same file, no reinstall.
-DEPS_STAMP := $(VENV)/.deps-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# The stamp's name carries a checksum of pyproject.toml and the lock: same files, no reinstall.
+DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml requirements.lock 2>/dev/null | cksum | cut -d' ' -f1)
 # Targets depend on SETUP; `make SETUP= ...` uses $(VENV) as it is (the tests do,
 # so a project copy never reinstalls into the environment that runs them).
 SETUP ?= $(DEPS_STAMP)
@@ -29,6 +29,7 @@ MLFLOW_HOST ?= 127.0.0.1
 # algorithm on for the connections on Linux (its issue #3149, open as of 0.54), and each
 # request on a kept-alive connection waits for a delayed ACK (figures: bench/NOTES.md).
 MLFLOW_WORKERS ?= 1
+DASHBOARD_PORT ?= 8080
 
 # Containers. RUNTIME: docker | podman | local; unset, a stage runs in the image when an
 # engine answers and the image is built, else locally (the choice is printed).
@@ -47,24 +48,40 @@ include make/containers.mk
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: help setup data params run process-data train sweep build push mlflow-server mlflow-ui \
-	mlflow-sync test bench lint params-check format clean
+.PHONY: help setup lock data params run process-data train sweep build push mlflow-server mlflow-ui \
+	mlflow-sync promote plots dashboard readme-images test bench lint params-check format clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(DEPS_STAMP) ## Create .venv and install the pinned dependencies (once per pyproject.toml)
+setup: $(DEPS_STAMP) ## Create .venv and install the locked dependencies (once per pyproject.toml + requirements.lock)
 
-$(DEPS_STAMP): pyproject.toml
+$(DEPS_STAMP): pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "error: python3.11 not found on PATH" >&2; exit 1; }
 	@echo "Installing dependencies into $(VENV) (first run only)..."
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' -c requirements.lock
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
 	  $(BIN)/pre-commit install >/dev/null || echo "warning: git hook not installed (pre-commit install failed)" >&2; \
 	fi
 	@rm -f $(VENV)/.deps-*
 	@touch $@
+
+# The lock: every package of the environment pinned, for Linux x86_64 + Python 3.11, resolved
+# from pyproject.toml (dev extra included) through pip's own configuration (PIP_INDEX_URL,
+# PIP_FIND_LINKS, pip.conf), so it works offline against a mirror. Pins already in the lock
+# are kept (the same inputs give the same file); UPGRADE=1 moves every pin to the newest.
+# Constraints only: no extras (--strip-extras) and no hashes, because hashes would pin one
+# build of torch (the local CPU wheel here, a CUDA one elsewhere). pip stays the venv's own.
+# Local version labels (torch's +cpu) are dropped: any build of that version satisfies it.
+# Not after `setup`: a pin changed in pyproject.toml may conflict with the old lock.
+lock: ## Pin the whole environment in requirements.lock from pyproject.toml (UPGRADE=1: newest releases)
+	@test -x $(BIN)/pip-compile || { echo "error: $(BIN)/pip-compile not found: run make setup first" >&2; exit 2; }
+	@$(PY) -c 'import platform as p, sys; (sys.platform, p.machine(), sys.version_info[:2]) == ("linux", "x86_64", (3, 11)) or (print(f"error: requirements.lock is for Linux x86_64 + Python 3.11, not {p.system()} {p.machine()} + Python {p.python_version()}", file=sys.stderr), sys.exit(2))'
+	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --extra dev --strip-extras \
+	  --unsafe-package pip --no-emit-options $(if $(UPGRADE),--upgrade) \
+	  --output-file requirements.lock pyproject.toml
+	@sed -E -i 's/^([A-Za-z0-9._-]+==[^+[:space:]]+)\+[A-Za-z0-9.]+/\1/' requirements.lock
 
 data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw exists)
 	@if [ -d $(RAW_DIR) ]; then \
@@ -149,6 +166,21 @@ mlflow-ui: mlflow-server ## Alias of mlflow-server
 
 mlflow-sync: $(SETUP) ## After a tracking outage: log what the MLflow run of models/ lacks (CHECKPOINT_DIR=models)
 	$(PY) -m imgpipe.tracking.sync $(or $(CHECKPOINT_DIR),models)
+
+# VERSION is also the project's version (make/containers.mk): only one given on the command line names a model version.
+PROMOTE_VERSION = $(if $(filter command line,$(origin VERSION)),$(VERSION))
+promote: $(SETUP) ## Model registry: move alias champion to RUN=<run id> or VERSION=<n> (NAME= the registered model; default: params.yaml's)
+	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -m imgpipe.tracking.registry promote \
+	  $(if $(RUN),--run '$(RUN)') $(if $(PROMOTE_VERSION),--version '$(PROMOTE_VERSION)') $(if $(NAME),--name '$(NAME)')
+
+plots: $(SETUP) ## dvc plots show through the offline template: dvc_plots/index.html draws with no network
+	$(PY) -m imgpipe.plots page dvc_plots
+
+dashboard: $(SETUP) ## Optuna dashboard over the sweep's study, 127.0.0.1:8080 (DASHBOARD_PORT); ARGS as for make sweep
+	DASHBOARD_PORT=$(DASHBOARD_PORT) IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -m imgpipe.dashboard $(ARGS)
+
+readme-images: run ## The README's pictures (curves, confusion matrix, Pareto front) from the pipeline -> docs/images
+	$(PY) -m imgpipe.plots readme docs/images
 
 clean: ## Remove caches and logs (keeps data, models, mlruns and .venv)
 	rm -rf logs .pytest_cache .ruff_cache outputs multirun

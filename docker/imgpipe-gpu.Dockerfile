@@ -39,11 +39,15 @@ RUN groupadd --gid "${NON_ROOT_GID}" "${NON_ROOT_USER}" \
 # holds local wheels you put there (say, a torch for your CUDA version); pip's cache persists across
 # builds; the system CA store is trusted (say, a proxy's CA added to the base image).
 COPY --from=requirements /requirements.txt /tmp/requirements.txt
+# requirements.lock (`make lock`) fixes every transitive version; torch's line carries no
+# local label (+cpu, +cu130), so the build that find-links or TORCH_INDEX_URL offers installs.
+COPY requirements.lock /tmp/requirements.lock
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=bind,source=docker/wheels/gpu,target=/wheels \
     python3 -m venv "${VIRTUAL_ENV}" \
     && pip install --cert /etc/ssl/certs/ca-certificates.crt --find-links /wheels \
-        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -r /tmp/requirements.txt
+        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -r /tmp/requirements.txt \
+        -c /tmp/requirements.lock
 
 WORKDIR /workspace
 COPY conf/ conf/
