@@ -74,6 +74,7 @@ class TrainConfig:
     mlflow_exp_name: str = "image-classification"
     mlflow_run_name: str = "train"
     mlflow_outage_wait_s: float = 120.0
+    mlflow_registered_model_name: str | None = None
     data_dir_path: str = "data/processed"
     model_checkpoint_interval: int = 1
     model_checkpoint_dir_path: str = "models"
@@ -108,6 +109,13 @@ class TrainConfig:
         )
         _check(
             bool(self.mlflow_exp_name.strip()), "mlflow_exp_name", self.mlflow_exp_name, "non-empty"
+        )
+        _check(
+            self.mlflow_registered_model_name is None
+            or bool(self.mlflow_registered_model_name.strip()),
+            "mlflow_registered_model_name",
+            self.mlflow_registered_model_name,
+            "null or a non-empty name",
         )
 
 

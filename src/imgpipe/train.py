@@ -269,6 +269,7 @@ def run_spec(
         system_metrics=cfg.mlflow_system_metrics,
         outage_wait_s=cfg.mlflow_outage_wait_s,
         checkpoint_dir=cfg.model_checkpoint_dir_path,
+        registered_model_name=cfg.mlflow_registered_model_name,
     )
 
 

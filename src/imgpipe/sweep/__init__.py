@@ -73,7 +73,22 @@ def run_sweep(settings: SweepSettings) -> dict[str, Any]:
         failed,
         settings.results_dir,
     )
+    _register_best(settings, best)
     return best
+
+
+def _register_best(settings: SweepSettings, best: dict[str, Any]) -> None:
+    """With mlflow_registered_model_name set: the best trial's model becomes a version of
+    that name, and ``champion`` moves to it when it beats the champion on the first
+    objective (imgpipe.tracking.registry)."""
+    name = settings.base.get("mlflow_registered_model_name")
+    if not name or not settings.base.get("setup_mlflow", True):
+        return
+    from imgpipe.tracking.registry import register_sweep_best
+    from imgpipe.tracking.store import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(settings.base["mlflow_tracking_uri"])
+    register_sweep_best(uri, name, best, settings.directions[0])
 
 
 def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:

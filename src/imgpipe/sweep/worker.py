@@ -82,6 +82,8 @@ def _trial_config(settings: SweepSettings, trial, params: dict[str, Any]) -> Tra
             "model_checkpoint_dir_path": str(home / "models"),
             "live_dir_path": str(home / "dvclive"),
             "mlflow_run_name": f"trial-{trial.number}",
+            # Only the sweep registers, and only its best trial (imgpipe.tracking.registry).
+            "mlflow_registered_model_name": None,
             # A retry continues its own trial's checkpoint; a new trial never reads another's.
             "resume": origin is not None,
         }

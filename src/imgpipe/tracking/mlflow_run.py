@@ -42,6 +42,7 @@ class RunSpec:
     system_metrics: bool = False
     outage_wait_s: float = 120.0  # at the end, how long to wait for a server that is gone
     checkpoint_dir: str | None = None  # named in the command that completes the run later
+    registered_model_name: str | None = None  # register the logged model under this name
 
 
 class MlflowRun:
@@ -204,10 +205,12 @@ class MlflowRun:
         model_missing = self._model is not None
         if complete and self._model is not None:
             try:
-                self._log_model(*self._model)
+                model_id = self._log_model(*self._model)
                 model_missing = False
             except send_failures():
                 complete = False
+            else:
+                self._register(model_id)
         if complete:
             try:
                 self._set_status(status)
@@ -227,15 +230,32 @@ class MlflowRun:
             sync_command(self.spec.checkpoint_dir, self.spec.tracking_uri),
         )
 
-    def _log_model(self, model: Any, example: Any) -> None:
+    def _log_model(self, model: Any, example: Any) -> str:
+        """Log the model into the run; its logged model's id."""
         import mlflow
 
         mlflow.set_tracking_uri(self.spec.tracking_uri)
         if self._fluent:
-            log_pytorch_model(model, example)
-        else:
-            with mlflow.start_run(run_id=self.run_id):
-                log_pytorch_model(model, example)
+            return log_pytorch_model(model, example)
+        with mlflow.start_run(run_id=self.run_id):
+            return log_pytorch_model(model, example)
+
+    def _register(self, model_id: str) -> None:
+        """The model as a new version of ``registered_model_name`` (no alias moves). A
+        refusal is one warning: the run is complete, and the command can register it later."""
+        name = self.spec.registered_model_name
+        if not name or self.run_id is None:
+            return
+        from imgpipe.tracking.registry import register_trained
+
+        try:
+            register_trained(self.spec.tracking_uri, name, self.run_id, model_id)
+        except PipelineError as exc:
+            log.warning(
+                "%s; register it later with: python -m imgpipe.tracking.registry register --run %s",
+                exc,
+                self.run_id,
+            )
 
     def _set_status(self, status: str) -> None:
         if self._fluent:
@@ -256,8 +276,9 @@ class MlflowRun:
                 mlflow.end_run()
 
 
-def log_pytorch_model(model: Any, example: Any) -> None:
-    """``model`` into the active run as an MLflow model (mlflow.pytorch.load_model loads it)."""
+def log_pytorch_model(model: Any, example: Any) -> str:
+    """``model`` into the active run as an MLflow model (mlflow.pytorch.load_model and
+    mlflow.pyfunc.load_model load it); the logged model's id."""
     import mlflow
     import torch
 
@@ -268,7 +289,7 @@ def log_pytorch_model(model: Any, example: Any) -> None:
     # example on every run; the project's tests load logged models through pyfunc and
     # predict instead. (MLflow also hands this keyword to the flavor's save: "pt2"
     # ignores it, "pickle" would not.)
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model,
         name="model",
         input_example=example.cpu().numpy(),
@@ -276,6 +297,7 @@ def log_pytorch_model(model: Any, example: Any) -> None:
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         validate_serving_input=False,
     )
+    return info.model_id
 
 
 def hide_secret_urls(tracking_uri: str) -> None:

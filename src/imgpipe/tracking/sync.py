@@ -117,8 +117,13 @@ def _complete(state, folder: Path, uri: str, missing_batches, failures) -> str:
     elif not _has_model(client, run):
         if not model_file.is_file():
             raise PipelineError(f"{model_file}: missing, so the run's model cannot be logged")
-        _log_model_file(model_file, uri, run_id)
+        model_id = _log_model_file(model_file, uri, run_id)
         done.append("the model logged")
+        if name := state.config.get("mlflow_registered_model_name"):  # as training would have
+            from imgpipe.tracking.registry import register
+
+            version = register(client, name, run_id, model_id=model_id)
+            done.append(f"registered as model {name!r} version {version.number}")
     if finished and run.info.status != "FINISHED":
         client.set_terminated(run_id, status="FINISHED")
         done.append("status FINISHED")
@@ -136,8 +141,8 @@ def _has_model(client, run) -> bool:
     return any(str(m.status).endswith("READY") for m in models)
 
 
-def _log_model_file(model_file: Path, uri: str, run_id: str) -> None:
-    """Rebuild the network from model.pt and log it as the run would have."""
+def _log_model_file(model_file: Path, uri: str, run_id: str) -> str:
+    """Rebuild the network from model.pt and log it as the run would have; its model id."""
     import mlflow
     import torch
 
@@ -155,7 +160,7 @@ def _log_model_file(model_file: Path, uri: str, run_id: str) -> None:
     example = torch.zeros(2, channels, height, width)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        log_pytorch_model(model, example)
+        return log_pytorch_model(model, example)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,376 @@
+"""The MLflow model registry, one room for every action on it: a run's model registered as a
+version of a name, the alias ``champion`` moved to a version (the champion it replaces keeps
+its version and gains ``previous``), and the sweep's rule for when it moves.
+
+    python -m imgpipe.tracking.registry promote --run RUN_ID   # or: make promote RUN=RUN_ID
+    python -m imgpipe.tracking.registry promote --version 3    # or: make promote VERSION=3
+    python -m imgpipe.tracking.registry register --run RUN_ID  # a version; no alias moves
+
+The name is ``--name``, else ``mlflow_registered_model_name`` of the project's config
+(conf/train_model.yaml < the params file named by IMGPIPE_PARAMS_FILE, as for the stages);
+the store is ``--tracking-uri``, else the config's ``mlflow_tracking_uri``, else
+MLFLOW_TRACKING_URI, else the project's local store. Every action logs one line naming the
+run and the version it used. The champion loads with
+``mlflow.pyfunc.load_model("models:/<name>@champion")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from imgpipe.errors import PipelineError
+from imgpipe.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+
+
+@dataclass(frozen=True)
+class Version:
+    """One version of a registered model and the run whose model it holds."""
+
+    name: str
+    number: int
+    run_id: str
+
+
+# --------------------------------------------------------------------------- the actions
+
+
+def register(client: Any, name: str, run_id: str, *, model_id: str | None = None) -> Version:
+    """The version of ``name`` that holds ``run_id``'s model: the one registered before (a
+    sweep run again, a promotion by run), else a new one. ``model_id``: the logged model,
+    when the caller has just logged it (saves looking it up)."""
+    _check_name(name)
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if found:
+        version = _version_of(min(found, key=lambda v: int(v.version)))
+        log.info("model %r version %d already holds run %s", name, version.number, run_id)
+        return version
+    if model_id is None:
+        model_id = _logged_model(client, run_id)
+    try:
+        client.create_registered_model(name)
+    except _mlflow_error() as exc:
+        if getattr(exc, "error_code", "") not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    created = client.create_model_version(
+        name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
+    )
+    version = _version_of(created)
+    log.info("registered run %s as model %r version %d", run_id, name, version.number)
+    return version
+
+
+def promote(client: Any, name: str, number: int) -> Version:
+    """Move ``champion`` to version ``number`` of ``name``; the champion it replaces gains
+    ``previous`` (set first: a failure in between leaves the old champion where it was)."""
+    target = _get_version(client, name, number)
+    current = _champion(client, name)
+    if current is not None and current.number == target.number:
+        log.info(
+            "model %r version %d (run %s) is already the %s",
+            name,
+            target.number,
+            target.run_id,
+            CHAMPION,
+        )
+        return target
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, str(current.number))
+    client.set_registered_model_alias(name, CHAMPION, str(target.number))
+    was = (
+        f"version {current.number} (run {current.run_id}) is {PREVIOUS}"
+        if current is not None
+        else "there was none before"
+    )
+    log.info(
+        "model %r: %s is version %d (run %s); %s",
+        name,
+        CHAMPION,
+        target.number,
+        target.run_id,
+        was,
+    )
+    return target
+
+
+def promote_if_better(client: Any, challenger: Version, objective: str, direction: str) -> bool:
+    """The sweep's rule: ``champion`` moves to ``challenger`` when no version holds it yet,
+    or when the challenger's run beats the champion's run on ``objective`` (the metric both
+    runs logged under that name, its last value; ``direction`` minimize or maximize; a tie
+    keeps the champion). Returns whether it moved."""
+    name = challenger.name
+    current = _champion(client, name)
+    if current is None or current.number == challenger.number:
+        promote(client, name, challenger.number)
+        return True
+    new = _last_value(client, challenger.run_id, objective)
+    old = _last_value(client, current.run_id, objective)
+    if new is None or old is None:
+        missing = current if old is None else challenger
+        log.warning(
+            "model %r: version %d (run %s) stays %s: run %s logged no %s to compare on; "
+            "to choose by hand: make promote VERSION=%d",
+            name,
+            current.number,
+            current.run_id,
+            CHAMPION,
+            missing.run_id,
+            objective,
+            challenger.number,
+        )
+        return False
+    better = new < old if direction == "minimize" else new > old
+    if better:
+        promote(client, name, challenger.number)
+        return True
+    log.info(
+        "model %r: version %d (run %s, %s %.6g) does not beat %s version %d "
+        "(run %s, %s %.6g, %s): %s stays",
+        name,
+        challenger.number,
+        challenger.run_id,
+        objective,
+        new,
+        CHAMPION,
+        current.number,
+        current.run_id,
+        objective,
+        old,
+        direction,
+        CHAMPION,
+    )
+    return False
+
+
+# --------------------------------------------------------------------------- callers' entries
+
+
+def register_trained(tracking_uri: str, name: str, run_id: str, model_id: str | None) -> Version:
+    """Training's registration (``mlflow_registered_model_name``), right after the model is
+    logged."""
+    from mlflow import MlflowClient
+
+    with registry_errors(tracking_uri, name):
+        return register(MlflowClient(tracking_uri), name, run_id, model_id=model_id)
+
+
+def register_sweep_best(
+    tracking_uri: str,
+    name: str,
+    best: dict[str, Any],
+    direction: str,
+) -> Version | None:
+    """The sweep's best trial (``best_params.yaml``'s document) registered under ``name``;
+    ``champion`` moves to it when it beats the champion on the sweep's first objective
+    (the first of ``best["values"]``, named as the study names its objectives)."""
+    from mlflow import MlflowClient
+
+    run_id = best.get("mlflow_run_id")
+    if not run_id:
+        log.warning(
+            "model %r: the best trial %s has no MLflow run (setup_mlflow=false?): "
+            "nothing registered",
+            name,
+            best.get("trial"),
+        )
+        return None
+    objective = next(iter(best["values"]))
+    with registry_errors(tracking_uri, name):
+        client = MlflowClient(tracking_uri)
+        version = register(client, name, run_id)
+        promote_if_better(client, version, objective, direction)
+    return version
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_name(name: str) -> None:
+    if not name.strip() or "'" in name:
+        raise PipelineError(f"registered model name {name!r}: must be non-empty, without quotes")
+
+
+def _version_of(mv: Any) -> Version:
+    return Version(mv.name, int(mv.version), mv.run_id or "")
+
+
+def _get_version(client: Any, name: str, number: int) -> Version:
+    _get_model(client, name)
+    try:
+        return _version_of(client.get_model_version(name, str(number)))
+    except _mlflow_error() as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    numbers = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    have = f"versions {', '.join(map(str, numbers))}" if numbers else "no versions"
+    raise PipelineError(f"model {name!r} has no version {number} ({have})")
+
+
+def _get_model(client: Any, name: str) -> Any:
+    _check_name(name)
+    try:
+        return client.get_registered_model(name)
+    except _mlflow_error() as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+    raise PipelineError(f"no registered model {name!r}")
+
+
+def _champion(client: Any, name: str) -> Version | None:
+    aliases = _get_model(client, name).aliases or {}
+    number = aliases.get(CHAMPION)
+    return None if number is None else _get_version(client, name, int(number))
+
+
+def _get_run(client: Any, run_id: str) -> Any:
+    try:
+        return client.get_run(run_id)
+    except _mlflow_error() as exc:
+        if getattr(exc, "error_code", "") not in (
+            "RESOURCE_DOES_NOT_EXIST",
+            "INVALID_PARAMETER_VALUE",
+        ):
+            raise
+    raise PipelineError(f"no MLflow run {run_id!r}")
+
+
+def _logged_model(client: Any, run_id: str) -> str:
+    """The newest finished model the run logged (3.x "logged models" are not run artifacts)."""
+    run = _get_run(client, run_id)
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+    )
+    ready = [m for m in models if str(m.status).endswith("READY")]
+    if not ready:
+        raise PipelineError(f"MLflow run {run_id} has no logged model to register")
+    return max(ready, key=lambda m: m.creation_timestamp or 0).model_id
+
+
+def _last_value(client: Any, run_id: str, metric: str) -> float | None:
+    try:
+        return client.get_run(run_id).data.metrics.get(metric)
+    except _mlflow_error() as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
+
+
+def _mlflow_error() -> type[Exception]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+@contextlib.contextmanager
+def registry_errors(tracking_uri: str, name: str) -> Iterator[None]:
+    """A store that cannot be reached or refuses: one line naming it (password hidden)."""
+    from imgpipe.tracking.outbox import failure_reason, send_failures
+
+    try:
+        yield
+    except send_failures() as exc:
+        raise PipelineError(
+            f"model registry at {redact_url(tracking_uri)}: model {name!r}: "
+            f"{failure_reason(exc, tracking_uri)}"
+        ) from None
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def configured() -> Any:
+    """The project's TrainConfig: conf/train_model.yaml, layered with the params file."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from imgpipe.config import TrainConfig, conf_dir, params_file_overrides, to_schema
+
+    source = "conf/train_model.yaml"
+    try:
+        with initialize_config_dir(str(conf_dir())):
+            cfg = compose("train_model", overrides=params_file_overrides(TrainConfig, []))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise PipelineError(f"{source}: {str(exc).splitlines()[0]}") from None
+    return to_schema(TrainConfig, cfg, source)
+
+
+def run_command(args: argparse.Namespace) -> Version:
+    from mlflow import MlflowClient
+
+    from imgpipe.tracking.mlflow_run import hide_secret_urls
+    from imgpipe.tracking.store import check_tracking_uri, resolve_tracking_uri
+
+    cfg = None if args.name and args.tracking_uri else configured()
+    name = args.name or cfg.mlflow_registered_model_name
+    if not name:
+        raise PipelineError(
+            "no registered model name: set mlflow_registered_model_name in "
+            "conf/train_model.yaml (or params.yaml), or pass --name (make promote NAME=...)"
+        )
+    uri = resolve_tracking_uri(args.tracking_uri or cfg.mlflow_tracking_uri)
+    check_tracking_uri(uri)
+    hide_secret_urls(uri)
+    with registry_errors(uri, name):
+        client = MlflowClient(uri)
+        if args.action == "register":
+            return register(client, name, args.run)
+        number = (
+            args.version if args.version is not None else register(client, name, args.run).number
+        )
+        return promote(client, name, number)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's usage block would add lines
+        raise PipelineError(f"{message} (see python -m imgpipe.tracking.registry --help)")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = _Parser(
+        prog="python -m imgpipe.tracking.registry",
+        description="Register a run's model, or move the alias 'champion' by hand.",
+    )
+    parser.add_argument("action", choices=("promote", "register"))
+    parser.add_argument("--run", help="an MLflow run id: its model (registered if it is not yet)")
+    parser.add_argument("--version", help="a version of the registered model (promote only)")
+    parser.add_argument("--name", help="the registered model (default: the config's)")
+    parser.add_argument("--tracking-uri", help="the MLflow server or store (default: the config's)")
+    args = parser.parse_args(argv)
+    if args.action == "register" and (args.run is None or args.version is not None):
+        raise PipelineError("register takes --run RUN_ID (make promote moves the alias)")
+    if (args.run is None) == (args.version is None):
+        raise PipelineError("promote takes one of RUN=<run id> or VERSION=<n>")
+    if args.version is not None:
+        try:
+            args.version = int(args.version)
+        except ValueError:
+            raise PipelineError(f"VERSION={args.version!r}: not a version number") from None
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from imgpipe.cli import guarded
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    lines = logging.StreamHandler(sys.stdout)  # the action's one line, as a result
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(lines)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    guarded(lambda: run_command(parse(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    main()
