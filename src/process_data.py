@@ -26,6 +26,8 @@ def main(cfg: DictConfig) -> None:
         num_workers=config.num_workers,
         max_image_pixels=config.max_image_pixels,
         val_fraction=config.val_fraction,
+        image_size=tuple(config.image_size) if config.image_size else None,
+        image_mode=config.image_mode,
     )
 
 

@@ -34,12 +34,30 @@ class ProcessDataConfig:
     num_workers: int = 0  # 0: every available core
     max_image_pixels: int = 89_478_485  # refuse larger image headers; 0: no limit
     val_fraction: float = 0.1  # of each class's train images, when the raw data has no val
+    image_size: list[int] | None = None  # [height, width] every image is resized to; None: as is
+    image_mode: str | None = None  # L or RGB, what every image is converted to; None: as is
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.max_image_pixels >= 0, "max_image_pixels", self.max_image_pixels, ">= 0")
         # Never 0: tuning needs a val split, and tuning on test is what val is there to stop.
         _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "> 0 and < 1")
+        size = self.image_size
+        _check(
+            size is None or (len(size) == 2 and all(side >= 1 for side in size)),
+            "image_size",
+            size,
+            "null or [height, width], both >= 1",
+        )
+        _check(
+            size is None or not self.max_image_pixels or size[0] * size[1] <= self.max_image_pixels,
+            "image_size",
+            size,
+            f"at most max_image_pixels={self.max_image_pixels} pixels",
+        )
+        _check(
+            self.image_mode in (None, "L", "RGB"), "image_mode", self.image_mode, "null, L or RGB"
+        )
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")

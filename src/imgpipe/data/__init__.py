@@ -2,8 +2,10 @@
 
 Raw layout (what users bring, tracked by ``data.dvc``)::
 
-    data/raw/<split>.csv                 header ``filepath,label``; paths relative to data/raw
-    data/raw/<split>/<label>/<id>.png    one image per file, grayscale or RGB, one size
+    data/raw/<split>/<label>/<name>      one image per file: PNG, JPEG, WebP or BMP
+    data/raw/<split>.csv                 optional, header ``filepath,label`` (paths relative
+                                         to data/raw): lists the split's images instead
+                                         of its folder
 
 Processed layout (what ``process_data`` writes and ``train`` reads)::
 

@@ -12,6 +12,9 @@ any byte of an image is decoded:
   format detection would hand EPS content to Ghostscript;
 - the size declared in the header is checked against ``max_image_pixels``
   before the pixels are decoded (a 20000x20000 PNG is 48 KB on disk).
+
+The fast decoders (``decoders``) keep all three: they read only files the guard let
+through, only content of their format, and check the header's size first.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 from imgpipe.errors import PipelineError
 
 # The one mapping from a file's extension to the Pillow format that decodes it.
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP"}
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 IMAGE_SUFFIXES = tuple(IMAGE_FORMATS)
 
 # Pillow's own threshold (Image.MAX_IMAGE_PIXELS): about 256 MiB of RGB pixels.
@@ -193,11 +196,18 @@ def open_image(path: str, max_pixels: int) -> Any:
                 f"(rename it to {suffix})"
             ) from exc
         raise PipelineError(f"{path}: cannot decode image as {fmt} ({exc})") from exc
-    width, height = im.size
-    if max_pixels and width * height > max_pixels:
+    try:
+        check_pixels(path, *im.size, max_pixels)
+    except PipelineError:
         im.close()
+        raise
+    return im
+
+
+def check_pixels(path: str, width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` (0: no limit)."""
+    if max_pixels and width * height > max_pixels:
         raise PipelineError(
             f"{path}: image header declares {width}x{height} = {width * height} pixels, "
             f"more than max_image_pixels={max_pixels}"
         )
-    return im

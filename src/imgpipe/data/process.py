@@ -14,6 +14,7 @@ import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from imgpipe.atomic import atomic_dir
 from imgpipe.cpus import available_cpus
 from imgpipe.data import processed
+from imgpipe.data.decoders import decode_fast
 from imgpipe.data.files import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from imgpipe.data.raw import RawSplit, read_raw_dataset, sort_labels
 from imgpipe.data.val_split import VAL_SPLIT, carve_val, describe_carve, describe_raw
@@ -50,7 +52,7 @@ def _to_dataset_mode(im, path: str):
 
 
 def _reference_image(path: str, max_pixels: int):
-    """The first training image, which sets the dataset's size and mode."""
+    """The first training image, which sets the dataset's size and mode unless set."""
     try:
         with open_image(path, max_pixels) as im:
             return _to_dataset_mode(im, path)
@@ -62,42 +64,79 @@ def _channels(mode: str) -> int:
     return 1 if mode == "L" else 3
 
 
-def _decode_pixels(path: str, size: tuple[int, int], mode: str, max_pixels: int) -> bytes:
-    """One image's pixel rows as bytes, checked against the dataset's size and mode;
-    other modes are converted where they can be, and what cannot is named.
+# How an image is resized when image_size is set: one filter for every image, whatever
+# its size, so the result depends on the file alone (never on the worker that decodes it).
+RESIZE_FILTER = "BILINEAR"
 
-    Format, pixel limit and size come from the header, before any pixel is decoded. An
-    image already in the dataset's mode goes straight from Pillow's decoder to bytes:
-    ``Image.open``'s format probing, and ``np.asarray``'s array interface, are a sizeable
-    share of a small PNG's decode (bench/NOTES.md).
+
+@dataclass(frozen=True)
+class Target:
+    """What every image becomes: ``size`` (width, height) and ``mode``, set by the config
+    (``resize``/``convert``: every image is made so) or by the first training image (an
+    image that differs is an error)."""
+
+    size: tuple[int, int]
+    mode: str
+    max_pixels: int
+    resize: bool = False
+    convert: bool = False
+    fast: bool = True  # the fast decoders where they apply (``decoders``); False: Pillow only
+
+    def fit(self, im, path: str) -> bytes:
+        """An L or RGB image converted, then resized, into the target; or the error."""
+        if im.mode != self.mode:
+            if not self.convert:
+                raise PipelineError(
+                    f"{path}: image mode {im.mode} differs from the dataset's {self.mode}"
+                )
+            im = im.convert(self.mode)
+        if im.size != self.size:
+            from PIL import Image
+
+            im = im.resize(self.size, getattr(Image.Resampling, RESIZE_FILTER), reducing_gap=None)
+        return im.tobytes()
+
+    def check_size(self, got: tuple[int, int], path: str) -> None:
+        if got != self.size and not self.resize:
+            raise PipelineError(
+                f"{path}: image size {got[0]}x{got[1]} differs from the dataset's "
+                f"{self.size[0]}x{self.size[1]}"
+            )
+
+
+def _decode_pixels(path: str, target: Target) -> bytes:
+    """One image's pixel rows as bytes, in the target's size and mode; other modes are
+    converted where they can be, and what cannot is named.
+
+    Format, pixel limit and size come from the header, before any pixel is decoded. The
+    common files go through the fast decoders (``decoders``: Pillow's pixels); Pillow
+    decodes the rest. An image already in the dataset's mode goes straight from Pillow's
+    decoder to bytes: ``Image.open``'s format probing, and ``np.asarray``'s array
+    interface, are a sizeable share of a small PNG's decode (bench/NOTES.md).
     """
     try:
-        with open_image(path, max_pixels) as im:
-            if im.size != size:
-                raise PipelineError(
-                    f"{path}: image size {im.size[0]}x{im.size[1]} differs from the dataset's "
-                    f"{size[0]}x{size[1]}"
-                )
-            if im.mode == mode:
+        fast = decode_fast(path, target.max_pixels) if target.fast else None
+        if fast is not None:
+            pixels, mode = fast
+            got = (pixels.shape[1], pixels.shape[0])
+            if got == target.size and mode == target.mode:
+                return pixels.tobytes()
+            target.check_size(got, path)
+            from PIL import Image
+
+            return target.fit(Image.fromarray(pixels), path)
+        with open_image(path, target.max_pixels) as im:
+            target.check_size(im.size, path)
+            if im.mode == target.mode and im.size == target.size:
                 return im.tobytes()
             converted = _to_dataset_mode(im, path)
-        if converted.mode != mode:
-            raise PipelineError(
-                f"{path}: image mode {converted.mode} differs from the dataset's {mode}"
-            )
-        return converted.tobytes()
+        return target.fit(converted, path)
     except DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
 
 
 def _decode_chunk(
-    out_path: str,
-    offset: int,
-    start: int,
-    files: list[str],
-    size: tuple[int, int],
-    mode: str,
-    max_pixels: int,
+    out_path: str, offset: int, start: int, files: list[str], target: Target
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``files`` into rows ``start..`` of the ``.npy`` output, whose data begins at
     byte ``offset``: one positioned write per chunk (no memory map, so a worker's memory is
@@ -106,12 +145,13 @@ def _decode_chunk(
     Returns per-channel sums and sums of squares for normalisation stats, so no
     pixel data travels back to the parent process.
     """
-    channels = _channels(mode)
-    block = np.empty((len(files), size[1], size[0], channels), dtype=np.uint8)
+    channels = _channels(target.mode)
+    width, height = target.size
+    block = np.empty((len(files), height, width, channels), dtype=np.uint8)
     rows = memoryview(block).cast("B")
     step = block[0].nbytes
     for i, name in enumerate(files):
-        rows[i * step : (i + 1) * step] = _decode_pixels(name, size, mode, max_pixels)
+        rows[i * step : (i + 1) * step] = _decode_pixels(name, target)
     fd = os.open(out_path, os.O_WRONLY)
     try:
         view, position = rows, offset + start * step
@@ -127,25 +167,21 @@ def _decode_chunk(
 
 
 def _decode_all(
-    splits: dict[str, RawSplit],
-    out_dir: Path,
-    size: tuple[int, int],
-    mode: str,
-    workers: int,
-    max_pixels: int,
+    splits: dict[str, RawSplit], out_dir: Path, target: Target, workers: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Decode every split into its images file with one pool of ``workers`` processes.
 
     Small chunks from all splits share one queue, so no core idles at a split's tail.
     Returns per-split (sum, sum of squares) per channel.
     """
-    from tqdm import tqdm
+    from imgpipe import progress
 
-    channels = _channels(mode)
+    channels = _channels(target.mode)
+    width, height = target.size
     total_images = sum(len(split) for split in splits.values())
     chunk = max(256, min(2048, math.ceil(total_images / (workers * 24))))
     outputs = {
-        name: processed.create_images(out_dir, name, (len(split), size[1], size[0], channels))
+        name: processed.create_images(out_dir, name, (len(split), height, width, channels))
         for name, split in splits.items()
     }
 
@@ -162,10 +198,10 @@ def _decode_all(
         stats[name][0][:] += result[0]
         stats[name][1][:] += result[1]
 
-    with tqdm(total=total_images, unit="img", desc="decode", disable=None, leave=False) as bar:
+    with progress.bar(total=total_images, unit="img", desc="decode", leave=False) as bar:
         if workers <= 1 or total_images <= chunk:
             for name, path, offset, start, files in tasks():
-                add(name, _decode_chunk(path, offset, start, files, size, mode, max_pixels))
+                add(name, _decode_chunk(path, offset, start, files, target))
                 bar.update(len(files))
             return stats
         pending = tasks()
@@ -175,9 +211,7 @@ def _decode_all(
 
             def submit_next() -> None:
                 for name, path, offset, start, files in itertools.islice(pending, 1):
-                    future = pool.submit(
-                        _decode_chunk, path, offset, start, files, size, mode, max_pixels
-                    )
+                    future = pool.submit(_decode_chunk, path, offset, start, files, target)
                     running[future] = (name, len(files))
 
             for _ in range(workers * 3):
@@ -203,6 +237,9 @@ def process_dataset(
     num_workers: int = 0,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     val_fraction: float = 0.1,
+    image_size: tuple[int, int] | None = None,
+    image_mode: str | None = None,
+    fast_decoders: bool = True,
 ) -> dict:
     """Validate the raw dataset, decode it on all cores and write the processed arrays.
 
@@ -210,7 +247,10 @@ def process_dataset(
     when complete, so a failure leaves the previous output untouched. An image whose
     header declares more than ``max_image_pixels`` pixels (0: no limit) is refused.
     Without a raw val split, ``val_fraction`` of train becomes val (``val_split``).
-    Returns the metadata document written with it.
+    ``image_size`` (height, width) and ``image_mode`` (L or RGB), when set, are what every
+    image is converted and then resized to; unset, the first training image sets them and
+    any image that differs is an error. ``fast_decoders`` False decodes with Pillow alone
+    (the bench's baseline). Returns the metadata document written with it.
     """
     splits = read_raw_dataset(raw_data_dir_path)
     # The first image listed in train sets the dataset's size and mode, carved into val or not.
@@ -223,7 +263,15 @@ def process_dataset(
         validation = describe_carve(val_fraction)
     classes = sort_labels(set(splits["train"].label_names))
     index = {label: i for i, label in enumerate(classes)}
-    size, mode = reference.size, reference.mode
+    target = Target(
+        size=(image_size[1], image_size[0]) if image_size else reference.size,
+        mode=image_mode or reference.mode,
+        max_pixels=max_image_pixels,
+        resize=image_size is not None,
+        convert=image_mode is not None,
+        fast=fast_decoders,
+    )
+    size, mode = target.size, target.mode
     channels = _channels(mode)
     workers = num_workers if num_workers > 0 else available_cpus()
     log.info(
@@ -239,7 +287,7 @@ def process_dataset(
 
     class_counts: dict[str, dict[str, int]] = {}
     with atomic_dir(processed_data_dir_path) as tmp:
-        stats = _decode_all(splits, tmp, size, mode, workers, max_image_pixels)
+        stats = _decode_all(splits, tmp, target, workers)
         for name, split in splits.items():
             to_class = np.array([index[label] for label in split.label_names], dtype=np.int64)
             codes = np.frombuffer(split.codes, dtype=np.intc)
@@ -264,6 +312,12 @@ def process_dataset(
             mean,
             std,
             validation=validation,
+            preprocessing={
+                "image_size": list(image_size) if image_size else None,
+                "image_mode": image_mode,
+                "resize_filter": f"PIL.Image.Resampling.{RESIZE_FILTER}, reducing_gap=None",
+                "order": "convert to image_mode, then resize to image_size (height, width)",
+            },
         )
         processed.write_metadata(tmp, metadata)
     log.info(

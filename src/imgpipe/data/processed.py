@@ -74,10 +74,12 @@ def build_metadata(
     std: Sequence[float],
     *,
     validation: Mapping[str, object],
+    preprocessing: Mapping[str, object] | None = None,
 ) -> dict:
     """The metadata document: ``image_shape`` is (C, H, W), ``class_counts`` maps each
     split to its number of images per label (labels it lacks count 0), ``validation``
-    says how the val split was made."""
+    says how the val split was made, ``preprocessing`` how images were converted and
+    resized (``image_size`` and ``image_mode`` null: they were not)."""
     splits = {}
     for name, counts in class_counts.items():
         per_class = {label: int(counts.get(label, 0)) for label in classes}
@@ -95,6 +97,7 @@ def build_metadata(
         "mode": mode,
         "splits": splits,
         "validation": dict(validation),
+        "preprocessing": dict(preprocessing or {"image_size": None, "image_mode": None}),
         "normalization": {
             "mean": [round(float(m), 8) for m in mean],
             "std": [round(float(s), 8) for s in std],
@@ -222,6 +225,7 @@ def write_subset(
             data.mean,
             data.std,
             validation=meta["validation"],
+            preprocessing=meta.get("preprocessing"),
         ),
     )
     return out

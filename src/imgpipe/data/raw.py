@@ -1,6 +1,8 @@
-"""The raw layout users bring: find its splits, read and validate their CSVs.
+"""The raw layout users bring: find its splits, read and validate their listings.
 
-Validation happens here, once, before any pixel is decoded: every error names
+Each split is listed by its ``<split>.csv`` (``filepath,label`` rows, authoritative) or,
+without one, by its folder: every image under ``<split>/<label>/``, the folder naming the
+label (torchvision's ImageFolder layout). Validation happens here, once, before any pixel is decoded: every error names
 the file and line at fault, and nothing is written. What may be read at all (regular
 files inside the dataset, links into DVC's cache) is decided by ``files.DatasetGuard``
 while the folders are listed, from the directory entries and without opening anything.
@@ -23,6 +25,8 @@ from imgpipe.errors import PipelineError
 log = logging.getLogger("imgpipe.data")
 
 REQUIRED_SPLITS = ("train", "test")
+# The splits a folder without a CSV stands for; with CSVs, any <split>.csv is a split.
+LAYOUT_SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -216,28 +220,81 @@ def _read_split_csv(guard: DatasetGuard, raw_dir: Path, csv_path: Path) -> RawSp
     return RawSplit(split, root, list(label_code), codes, files)
 
 
+def _list_split_folder(guard: DatasetGuard, raw_dir: Path, split: str) -> RawSplit:
+    """List every image under ``<split>/<label>/`` (the ImageFolder layout, no CSV): the
+    folder names the label; rows in the order of their sorted relative paths, so the same
+    files give the same rows on every machine. Hidden entries (``.ipynb_checkpoints``,
+    ``.DS_Store``) are skipped; files of other types beside the images are ignored."""
+    split_dir = raw_dir / split
+    on_disk, refused = _scan_split(guard, split_dir)
+    labels = sorted(label for label in on_disk if not label.startswith("."))
+    for label in labels:
+        for name, why in sorted(refused[label].items()):
+            if not name.startswith("."):
+                raise PipelineError(f"{split_dir / label / name} {why}")
+        if not any(not name.startswith(".") for name in on_disk[label]):
+            raise PipelineError(f"class folder {split_dir / label} has no images")
+    if not labels:
+        raise PipelineError(
+            f"{split_dir}: no class folders; expected {split}/<label>/<image> or a {split}.csv"
+        )
+    rows = sorted(
+        f"{label}/{name}" for label in labels for name in on_disk[label] if not name.startswith(".")
+    )
+    label_code: dict[str, int] = {}
+    codes = array("i")
+    files: list[str] = []
+    for rel in rows:
+        label, name = rel.split("/", 1)
+        codes.append(label_code.setdefault(label, len(label_code)))
+        files.append(name)
+    return RawSplit(split, str(raw_dir), list(label_code), codes, files)
+
+
+def split_source(raw_dir: Path, split: str) -> Path:
+    """What lists a split's images: its CSV when there is one, else its folder."""
+    csv_path = raw_dir / f"{split}.csv"
+    return csv_path if csv_path.exists() or csv_path.is_symlink() else raw_dir / split
+
+
 def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
-    """Read and validate every ``<split>.csv`` in ``raw_dir``; train and test are required."""
+    """Read and validate every split of ``raw_dir``; train and test are required.
+
+    A split is listed by its ``<split>.csv`` when there is one (authoritative: only its
+    rows are read), else by its folder (``train``, ``val`` and ``test`` only), each split on
+    its own: a dataset may bring train.csv and a bare test/ folder.
+    """
     raw = Path(raw_dir)
     if not raw.is_dir():
         raise PipelineError(f"raw data directory not found: {raw} (run `make data` for the sample)")
-    csvs = sorted(raw.glob("*.csv"))
-    if not csvs:
-        what = "is empty" if not any(raw.iterdir()) else "has no <split>.csv files"
-        raise PipelineError(f"raw data directory {raw} {what}: expected train.csv and test.csv")
-    names = {p.stem for p in csvs}
+    names = {p.stem for p in raw.glob("*.csv")}
+    names |= {s for s in LAYOUT_SPLITS if (raw / s).is_dir()}
+    if not names:
+        what = "is empty" if not any(raw.iterdir()) else "has no splits"
+        raise PipelineError(
+            f"raw data directory {raw} {what}: expected train/<label>/<image> and "
+            f"test/<label>/<image> folders, or train.csv and test.csv"
+        )
     missing = [s for s in REQUIRED_SPLITS if s not in names]
     if missing:
         raise PipelineError(
-            f"raw data directory {raw}: missing {', '.join(s + '.csv' for s in missing)}"
+            f"raw data directory {raw}: missing "
+            + ", ".join(f"{s} (a {s}/<label>/ folder or {s}.csv)" for s in missing)
         )
     guard = DatasetGuard(raw)
-    splits = {p.stem: _read_split_csv(guard, raw, p) for p in csvs}
+    splits = {}
+    for name in sorted(names):
+        source = split_source(raw, name)
+        if source.suffix == ".csv":
+            splits[name] = _read_split_csv(guard, raw, source)
+        else:
+            splits[name] = _list_split_folder(guard, raw, name)
     train_classes = set(splits["train"].label_names)
     for name, split in splits.items():
         extra = set(split.label_names) - train_classes
         if extra:
             raise PipelineError(
-                f"{raw / (name + '.csv')}: label(s) {sorted(extra)} never appear in train.csv"
+                f"{split_source(raw, name)}: label(s) {sorted(extra)} never appear in "
+                f"{split_source(raw, 'train')}"
             )
     return splits
