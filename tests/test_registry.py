@@ -139,20 +139,12 @@ def test_make_promote_by_version_and_by_run(registry, tmp_path: Path) -> None:
     )
     assert sorted(version_runs(client)) == [1, 2, 3]  # by run: its existing version, no new one
 
-    # A bad one through make: one line, exit 2, the aliases untouched.
-    bad = make("promote", project, "VERSION=99", f"NAME={NAME}", env=env)
-    assert bad.returncode == 2
-    assert error_lines(bad.stderr) == [
-        f"error: model '{NAME}' has no version 99 (versions 1, 2, 3)"
-    ]
-    assert "Traceback" not in bad.stderr
-    assert aliases(client) == {"champion": 1, "previous": 3}
-
 
 @pytest.mark.parametrize(
     ("args", "line"),
     [
         (["--version", "1", "--name", "nope"], "error: no registered model 'nope'"),
+        (["--version", "99"], f"error: model '{NAME}' has no version 99 (versions 1, 2, 3)"),
         (["--run", "0123456789abcdef"], "error: no MLflow run '0123456789abcdef'"),
         (["--version", "x"], "error: VERSION='x': not a version number"),
         ([], "error: promote takes one of RUN=<run id> or VERSION=<n>"),
@@ -210,3 +202,12 @@ def test_training_registers_its_model_when_named(sample_processed: Path, tmp_pat
     (version,) = client.search_model_versions(f"name = '{NAME}'")
     assert (int(version.version), version.run_id) == (1, result.run_id)
     assert client.get_registered_model(NAME).aliases == {}  # training moves no alias
+
+
+@pytest.mark.parametrize("name", ["", "  ", "it's"])
+def test_a_bad_name_stops_before_training(name: str) -> None:
+    from imgpipe.config import TrainConfig
+    from imgpipe.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="config key 'mlflow_registered_model_name'"):
+        TrainConfig(mlflow_registered_model_name=name)

@@ -130,10 +130,13 @@ class TrainConfig:
         )
         _check(
             self.mlflow_registered_model_name is None
-            or bool(self.mlflow_registered_model_name.strip()),
+            or (
+                bool(self.mlflow_registered_model_name.strip())
+                and "'" not in self.mlflow_registered_model_name
+            ),
             "mlflow_registered_model_name",
             self.mlflow_registered_model_name,
-            "null or a non-empty name",
+            "null or a non-empty name without quotes",
         )
 
 
