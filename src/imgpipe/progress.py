@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -141,50 +140,30 @@ def epoch_bar(epoch: int, epochs: int, show: bool = True) -> Iterator[EpochBar]:
 
 class SweepBar:
     """Trials done of ``n_trials`` in the whole study, and the best value so far of the
-    first objective."""
+    first objective (the sweep computes both from its storage: every worker's trials)."""
 
-    def __init__(self, n_trials: int, direction: str) -> None:
+    def __init__(self, n_trials: int) -> None:
         self._bar = bar(desc="sweep", total=n_trials, unit="trial", position=0)
-        self._direction = direction
 
     @property
     def active(self) -> bool:
         return not self._bar.disable
 
-    def update(self, study) -> None:
-        """Redraw from the study's storage (trials of every worker, on any machine)."""
+    def update(self, done: int, best: float | None = None, objective: str = "") -> None:
         if self._bar.disable:
             return
-        from imgpipe.sweep.study import census
-
-        done = census(study).finished
-        best = self._best(study)
         if best is not None:
-            # The study's metric names when it has them, else which way the first one goes.
-            name = (getattr(study, "metric_names", None) or [self._direction])[0]
-            self._bar.set_postfix_str(f"best {best:.4g} ({name})", refresh=False)
+            self._bar.set_postfix_str(f"best {best:.4g} ({objective})", refresh=False)
         self._bar.update(min(done, self._bar.total) - self._bar.n)
         self._bar.refresh()
-
-    def _best(self, study) -> float | None:
-        from optuna.trial import TrialState
-
-        values = [
-            t.values[0]
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values and math.isfinite(t.values[0])
-        ]
-        if not values:
-            return None
-        return max(values) if self._direction == "maximize" else min(values)
 
     def close(self) -> None:
         self._bar.close()
 
 
 @contextlib.contextmanager
-def sweep_bar(n_trials: int, direction: str) -> Iterator[SweepBar]:
-    progress = SweepBar(n_trials, direction)
+def sweep_bar(n_trials: int) -> Iterator[SweepBar]:
+    progress = SweepBar(n_trials)
     try:
         with logging_beside(progress.active):
             yield progress
