@@ -97,6 +97,7 @@ class TrainConfig:
     model_checkpoint_interval: int = 1
     model_checkpoint_dir_path: str = "models"
     live_dir_path: str = "dvclive"
+    live_images: bool = True  # PNGs of the plots at the end (imgpipe.plots): no result changes
     resume: bool = False
     log_dir: str = "./logs"
     no_cuda: bool = False

@@ -126,7 +126,7 @@ def _train(cfg: TrainConfig, parent_run_id: str | None, tags: dict[str, str] | N
     log_start(device, data, first_epoch, cfg.epochs)
 
     spec = run_spec(cfg, tracking_uri, device, data, state.run_id, parent_run_id, tags)
-    with Tracker(cfg.live_dir_path, spec) as tracker:
+    with Tracker(cfg.live_dir_path, spec, images=cfg.live_images) as tracker:
         if resumed:
             tracker.replay(state.history)
         # Epoch 0 (the initial state) is saved once the MLflow run exists, with its id,

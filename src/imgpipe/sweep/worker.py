@@ -81,6 +81,7 @@ def _trial_config(settings: SweepSettings, trial, params: dict[str, Any]) -> Tra
         | {
             "model_checkpoint_dir_path": str(home / "models"),
             "live_dir_path": str(home / "dvclive"),
+            "live_images": False,  # nobody looks at a trial's; 1 s each (bench/NOTES.md)
             "mlflow_run_name": f"trial-{trial.number}",
             # Only the sweep registers, and only its best trial (imgpipe.tracking.registry).
             "mlflow_registered_model_name": None,

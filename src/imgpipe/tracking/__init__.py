@@ -50,9 +50,11 @@ class Tracker:
     say what tracking cost (see ``cost``).
     """
 
-    def __init__(self, live_dir: str | os.PathLike[str], run: RunSpec | None = None) -> None:
+    def __init__(
+        self, live_dir: str | os.PathLike[str], run: RunSpec | None = None, *, images: bool = True
+    ) -> None:
         self.cost = CostMeter()
-        self._live = LiveLog(live_dir)
+        self._live = LiveLog(live_dir, images=images)
         self._run = MlflowRun(run, self.cost) if run is not None else None
 
     @property

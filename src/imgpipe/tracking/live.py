@@ -9,8 +9,12 @@ from typing import Any
 
 
 class LiveLog:
-    def __init__(self, live_dir: str | os.PathLike[str]) -> None:
+    """dvclive's folder for one training; ``images``: at the end, PNGs of its plots into
+    ``plots/static`` too (``imgpipe.plots.draw_images``), for viewers without a browser."""
+
+    def __init__(self, live_dir: str | os.PathLike[str], *, images: bool = True) -> None:
         self.live_dir = Path(live_dir)
+        self.images = images
         self._live: Any = None
 
     @property
@@ -50,3 +54,7 @@ class LiveLog:
     def end(self) -> None:
         if self._live is not None:
             self._live.end()
+            if self.images:
+                from imgpipe.plots import draw_images
+
+                draw_images(self.live_dir)
