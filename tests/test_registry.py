@@ -140,6 +140,16 @@ def test_make_promote_by_version_and_by_run(registry, tmp_path: Path) -> None:
     assert sorted(version_runs(client)) == [1, 2, 3]  # by run: its existing version, no new one
 
 
+def test_register_names_the_version_a_run_already_has(registry, capsys) -> None:
+    from imgpipe.tracking.registry import main
+
+    client = registry["client"]
+    before, runs = aliases(client), version_runs(client)
+    main(["register", "--run", runs[2], "--name", NAME, "--tracking-uri", registry["store"]])
+    assert capsys.readouterr().out == f"model '{NAME}' version 2 already holds run {runs[2]}\n"
+    assert version_runs(client) == runs and aliases(client) == before
+
+
 @pytest.mark.parametrize(
     ("args", "line"),
     [

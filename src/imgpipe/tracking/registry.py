@@ -45,7 +45,9 @@ class Version:
 # --------------------------------------------------------------------------- the actions
 
 
-def register(client: Any, name: str, run_id: str, *, model_id: str | None = None) -> Version:
+def register(
+    client: Any, name: str, run_id: str, *, model_id: str | None = None, say_existing: bool = False
+) -> Version:
     """The version of ``name`` that holds ``run_id``'s model: the one registered before (a
     sweep run again, a promotion by run), else a new one. ``model_id``: the logged model,
     when the caller has just logged it (saves looking it up)."""
@@ -53,7 +55,14 @@ def register(client: Any, name: str, run_id: str, *, model_id: str | None = None
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if found:
         version = _version_of(min(found, key=lambda v: int(v.version)))
-        log.info("model %r version %d already holds run %s", name, version.number, run_id)
+        # Unless asked, the action that follows (a promotion, the sweep's decision) says it.
+        log.log(
+            logging.INFO if say_existing else logging.DEBUG,
+            "model %r version %d already holds run %s",
+            name,
+            version.number,
+            run_id,
+        )
         return version
     if model_id is None:
         model_id = _logged_model(client, run_id)
@@ -325,7 +334,7 @@ def run_command(args: argparse.Namespace) -> Version:
     with registry_errors(uri, name):
         client = MlflowClient(uri)
         if args.action == "register":
-            return register(client, name, args.run)
+            return register(client, name, args.run, say_existing=True)
         number = (
             args.version if args.version is not None else register(client, name, args.run).number
         )
@@ -360,13 +369,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+class _ResultLines(logging.Handler):
+    """The action's line on stdout (looked up when written), as the command's result."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stdout, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     from imgpipe.cli import guarded
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    lines = logging.StreamHandler(sys.stdout)  # the action's one line, as a result
-    lines.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(lines)
+    if not any(isinstance(h, _ResultLines) for h in log.handlers):
+        log.addHandler(_ResultLines())
     log.setLevel(logging.INFO)
     log.propagate = False
     guarded(lambda: run_command(parse(sys.argv[1:] if argv is None else argv)))
