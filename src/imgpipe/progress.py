@@ -116,11 +116,15 @@ class EpochBar:
     def update(self, step: int, steps: int, loss: float) -> None:
         if not self.active:
             return
-        if self._bar is None:
-            self._bar = bar(desc=self._desc, total=steps, unit="batch", leave=False)
         self._loss_sum += loss
         self._samples += 1
-        self._bar.set_postfix_str(f"loss {self._loss_sum / self._samples:.4f}", refresh=False)
+        shown = f"loss {self._loss_sum / self._samples:.4f}"
+        if self._bar is None:  # first drawn with this update's numbers, not at 0
+            self._bar = bar(
+                desc=self._desc, total=steps, initial=step, postfix=shown, unit="batch", leave=False
+            )
+            return
+        self._bar.set_postfix_str(shown, refresh=False)
         self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
