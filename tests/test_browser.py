@@ -167,6 +167,9 @@ def test_make_plots_page_draws_every_plot_with_no_network(
     static = filled.project / "dvclive" / "plots" / "static"
     for name in ("loss", "accuracy", "confusion_matrix"):
         assert (static / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # ... but not for sweep trials, whose dvclive folders nobody opens
+    trials = list((filled.project / "sweep" / "study").glob("*/trials/*/dvclive"))
+    assert len(trials) == TRIALS and not any((t / "plots" / "static").exists() for t in trials)
 
     with open_page(browser, tmp_path / "plots.png") as (page, traffic):
         page.goto(page_file.as_uri())
@@ -305,3 +308,22 @@ def test_make_dashboard_without_a_study_is_one_line(tmp_path: Path) -> None:
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: no study 'image-classification' yet")
     assert "make sweep" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_make_dashboard_on_a_taken_or_bad_port_is_one_line(filled: Filled) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = make("dashboard", filled.project, env={"DASHBOARD_PORT": str(port)}, timeout=120)
+    assert result.returncode != 0
+    assert error_lines(result.stderr) == [
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use (set DASHBOARD_PORT)"
+    ], result.stderr
+    bad = make("dashboard", filled.project, env={"DASHBOARD_PORT": "80a"}, timeout=120)
+    assert bad.returncode != 0
+    assert error_lines(bad.stderr) == [
+        "error: DASHBOARD_PORT='80a': expected a port number (1-65535)"
+    ], bad.stderr
