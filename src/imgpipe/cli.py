@@ -43,8 +43,15 @@ def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         stopped(exc)
 
 
-def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> None:
-    """Compose conf/ with the overrides and check the result before any work starts.
+def load_config(config_name: str, schema: type, argv: list[str]) -> Any:
+    """The typed config a stage would run with: conf/ < the params file (IMGPIPE_PARAMS_FILE)
+    < ``argv``, checked; for commands that read the project's settings (the registry's)."""
+    return _check_overrides(config_name, schema, params_file_overrides(schema, argv) + argv)
+
+
+def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> Any:
+    """Compose conf/ with the overrides and check the result before any work starts; the
+    typed config.
 
     Hydra's own messages span several lines; users get one naming the key.
     """
@@ -74,7 +81,7 @@ def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> No
             cfg = compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         raise PipelineError(f"{source}: {str(exc).splitlines()[0]}") from exc
-    to_schema(schema, cfg, source)
+    return to_schema(schema, cfg, source)
 
 
 def run_entry(

@@ -298,30 +298,15 @@ def registry_errors(tracking_uri: str, name: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- the command
 
 
-def configured() -> Any:
-    """The project's TrainConfig: conf/train_model.yaml, layered with the params file."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from imgpipe.config import TrainConfig, conf_dir, params_file_overrides, to_schema
-
-    source = "conf/train_model.yaml"
-    try:
-        with initialize_config_dir(str(conf_dir())):
-            cfg = compose("train_model", overrides=params_file_overrides(TrainConfig, []))
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise PipelineError(f"{source}: {str(exc).splitlines()[0]}") from None
-    return to_schema(TrainConfig, cfg, source)
-
-
 def run_command(args: argparse.Namespace) -> Version:
     from mlflow import MlflowClient
 
+    from imgpipe.cli import load_config
+    from imgpipe.config import TrainConfig
     from imgpipe.tracking.mlflow_run import hide_secret_urls
     from imgpipe.tracking.store import check_tracking_uri, resolve_tracking_uri
 
-    cfg = None if args.name and args.tracking_uri else configured()
+    cfg = None if args.name and args.tracking_uri else load_config("train_model", TrainConfig, [])
     name = args.name or cfg.mlflow_registered_model_name
     if not name:
         raise PipelineError(
