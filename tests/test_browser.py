@@ -35,8 +35,14 @@ TRIALS = 2
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 
 
+# Debian's package names it chromium; GitHub's Ubuntu runners carry a Chromium build as
+# chromium-browser and Google Chrome. CHROMIUM names another one.
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
 def chromium_or_skip() -> str:
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    found = (shutil.which(name) for name in BROWSERS)
+    path = os.environ.get("CHROMIUM") or next((p for p in found if p), None)
     if path is None:
         reason = (
             "Debian's chromium is not installed (.ci/run installs it): apt-get install chromium"
