@@ -172,6 +172,7 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
         f"mlflow_tracking_uri={url}",
         "mlflow_exp_name=gone",
         "mlflow_outage_wait_s=2",
+        "mlflow_registered_model_name=gone-cnn",  # registered by the sync, as training would
         *(f"{k}={v}" for k, v in outputs.items()),
     ]
     env = {**os.environ, **NO_RETRIES}
@@ -214,12 +215,23 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     assert {n: [(s, v) for s, v, _ in points] for n, points in got.items()} == expected
     assert MlflowClient(server.url).get_run(run_id).info.status == "FINISHED"
     assert ready_models(server.url, run_id) == 1
+    assert "registered as model 'gone-cnn' version 1" in first.stdout
+    assert registered_runs(server.url, "gone-cnn") == [run_id]
 
     again = subprocess.run(sync, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "nothing logged" in again.stdout
     assert history(server.url, run_id) == got
     assert ready_models(server.url, run_id) == 1
+    assert registered_runs(server.url, "gone-cnn") == [run_id]
+
+
+def registered_runs(url: str, name: str) -> list[str]:
+    """The runs of the registered model's versions, in version order."""
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(url).search_model_versions(f"name = '{name}'")
+    return [v.run_id for v in sorted(versions, key=lambda v: int(v.version))]
 
 
 def test_sync_without_a_checkpoint_stops_with_one_line(tmp_path: Path) -> None:
