@@ -43,6 +43,7 @@ REGISTRY ?=
 BASE_IMAGE ?=
 TORCH_INDEX_URL ?=
 include make/containers.mk
+include make/team.mk
 
 # No usage telemetry leaves the machine unless the user asks for it.
 export MLFLOW_DISABLE_TELEMETRY ?= true
@@ -155,12 +156,16 @@ format: $(SETUP) ## Format the code with ruff
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-mlflow-server: $(SETUP) ## MLflow server on the project's store, 127.0.0.1:5000 (MLFLOW_HOST, MLFLOW_PORT); in the image when built
+mlflow-server: $(SETUP) ## MLflow server on the project's store, 127.0.0.1:5000 (MLFLOW_HOST, MLFLOW_PORT); in the image when built; the team server with MLFLOW_BACKEND_STORE/MLFLOW_ARTIFACTS
+ifdef TEAM_SERVER
+	MLFLOW_HOST=$(MLFLOW_HOST) MLFLOW_PORT=$(MLFLOW_PORT) MLFLOW_WORKERS=$(MLFLOW_WORKERS) $(PY) -m imgpipe.stack server
+else
 	@mkdir -p mlruns
 	@$(SERVER_CHECK)
 	$(SERVER_CMD) --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts --workers $(MLFLOW_WORKERS) \
 	  --host $(if $(filter local,$(SERVER_RUNTIME)),$(MLFLOW_HOST) --port $(MLFLOW_PORT),0.0.0.0 --port 5000)
+endif
 
 mlflow-ui: mlflow-server ## Alias of mlflow-server
 

@@ -48,6 +48,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 f"MLflow tracking server {redact_url(uri)} answered HTTP "
                 f"{response.status_code} on /health"
             )
+        check_login(uri, timeout)
     elif scheme == "sqlite":
         path = uri.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
@@ -57,6 +58,44 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 raise PipelineError(
                     f"cannot create the MLflow store {path}: {exc.strerror}"
                 ) from None
+
+
+def check_login(uri: str, timeout: float = 5.0) -> None:
+    """A server behind basic auth answers /health to anyone: one authenticated call, with
+    the credentials MLflow's client will use (MLFLOW_TRACKING_USERNAME/PASSWORD or
+    _TOKEN), finds a missing or wrong password before training starts."""
+    import requests
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    auth = (user, password) if user and password else None
+    headers = {"Authorization": f"Bearer {token}"} if token and not auth else {}
+    try:
+        response = requests.get(
+            uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=auth,
+            headers=headers,
+            timeout=timeout,
+        )
+    except requests.RequestException:
+        return  # /health just answered: a blip; MLflow's own retries handle it
+    who = f"user '{user}'" if auth else "no credentials"
+    if response.status_code == 401:
+        hint = (
+            "check MLFLOW_TRACKING_PASSWORD"
+            if auth
+            else "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+        raise PipelineError(
+            f"MLflow tracking server {redact_url(uri)} refused the login ({who}, HTTP 401): {hint}"
+        )
+    if response.status_code == 403:
+        raise PipelineError(
+            f"MLflow tracking server {redact_url(uri)}: {who} may not read experiments "
+            "(HTTP 403): ask its admin for a permission"
+        )
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
