@@ -185,6 +185,18 @@ def test_an_unreachable_server_is_one_line_without_its_password(capsys) -> None:
     assert "s3cret" not in captured.err + captured.out
 
 
+def test_a_missing_local_store_is_one_line_and_stays_missing(tmp_path: Path, capsys) -> None:
+    from imgpipe.tracking.registry import main
+
+    store = tmp_path / "typo" / "mlflow.db"
+    with pytest.raises(SystemExit) as stopped:
+        main(["promote", "--version", "1", "--name", NAME, "--tracking-uri", f"sqlite:///{store}"])
+    assert stopped.value.code == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line == f"error: MLflow store {store} does not exist (mlflow_tracking_uri?)"
+    assert not store.parent.exists()
+
+
 def test_no_name_configured_is_one_line(tmp_path: Path, capsys) -> None:
     from imgpipe.tracking.registry import main
 

@@ -22,6 +22,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineError
@@ -314,6 +315,9 @@ def run_command(args: argparse.Namespace) -> Version:
             "conf/train_model.yaml (or params.yaml), or pass --name (make promote NAME=...)"
         )
     uri = resolve_tracking_uri(args.tracking_uri or cfg.mlflow_tracking_uri)
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if store is not None and not store.is_file():  # MLflow would create an empty one
+        raise PipelineError(f"MLflow store {store} does not exist (mlflow_tracking_uri?)")
     check_tracking_uri(uri)
     hide_secret_urls(uri)
     with registry_errors(uri, name):
