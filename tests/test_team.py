@@ -392,8 +392,8 @@ def test_experiments_travel_through_git_and_the_remote(stack: Stack, clones: Clo
     assert json.loads((clones.b / "dvclive" / "metrics.json").read_text()) == metrics
 
 
-def test_stack_up_again_says_it_is_up_and_prints_the_same_env(stack: Stack) -> None:
-    again = stack.record(stack_cmd(stack.env, stack.folder.parent, "up"))
+def test_stack_up_again_says_it_is_up_and_prints_the_same_env(stack: Stack, clones: Clones) -> None:
+    again = stack.record(make("stack-up", clones.b, env=stack.env))
     assert again.returncode == 0, again.stderr
     assert "already up" in again.stdout
     assert parse_env_file(again.stdout) == {
