@@ -47,3 +47,29 @@ def test_bench_smoke_produces_every_row(tmp_path: Path) -> None:
     for row in results["rows"]:
         assert row["measure"] in result.stdout  # the table is printed too
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
+
+
+def test_decode_bench_smoke_produces_every_row(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "decode.py"), "--smoke", "--out", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "decoding.json").read_text())["rows"]
+    measures = [row[0] for row in rows]
+    for kind in ("28x28 grey PNG", "128x128 RGB JPEG"):
+        for expected in (
+            "Pillow tight loop",
+            "process_data vs decode limit",
+            "process_data vs Pillow-only process_data",
+        ):
+            assert f"{kind}: {expected}" in " ".join(measures), (kind, expected, measures)
+    fast = {"28x28 grey PNG": "pyspng", "128x128 RGB JPEG": "simplejpeg"}
+    for kind, decoder in fast.items():
+        row = next(r for r in rows if r[0].startswith(f"{kind}: {decoder} tight loop"))
+        assert "identical to Pillow" in row[1], row
+    assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report

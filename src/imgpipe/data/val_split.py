@@ -37,14 +37,15 @@ def val_count(n: int, fraction: float) -> int:
     return min(n - 1, max(1, math.floor(n * fraction + 0.5)))
 
 
-def path_key(rel_path: str) -> str:
-    """The hash that orders a training image for the carve (``rel_path`` as in the docstring)."""
-    return hashlib.sha256(f"{VAL_KEY}:{rel_path}".encode()).hexdigest()
+def path_key(rel_path: str) -> bytes:
+    """The hash that orders a training image for the carve (``rel_path`` as in the docstring);
+    its bytes sort as its hex digest does."""
+    return hashlib.sha256(f"{VAL_KEY}:{rel_path}".encode()).digest()
 
 
 def carve_val(train: RawSplit, fraction: float) -> tuple[RawSplit, RawSplit]:
     """Split ``train`` into (train, val) as the module docstring says."""
-    by_class: dict[int, list[tuple[str, int]]] = {}
+    by_class: dict[int, list[tuple[bytes, int]]] = {}
     for i, (code, name) in enumerate(zip(train.codes, train.files, strict=True)):
         rel = f"{train.folder}/{train.label_names[code]}/{name}"
         by_class.setdefault(code, []).append((path_key(rel), i))

@@ -1,0 +1,279 @@
+"""Decoding benchmark: the decoders' tight loops, and process_data against them.
+
+Usage (from the project root):
+    python bench/decode.py            # 30,000 28x28 grey PNGs, 5,000 128x128 RGB JPEGs
+    python bench/decode.py --smoke    # tiny sizes, every row, seconds; writes no RESULTS.md
+
+For each kind of image, in one run on the same files:
+- each decoder's tight loop on one core (read the file, decode, nothing else): Pillow's
+  own decoder opened directly, pyspng (libspng), simplejpeg (libjpeg-turbo), OpenCV's
+  codecs when opencv-python-headless is installed (it is not a dependency), and whether
+  its pixels equal Pillow's on every file;
+- process_data against the decode limit (the fastest decoder's tight loop on all cores,
+  bench/baselines.py) and against Pillow-only process_data (``fast_decoders=False``, the
+  processing this project had before the fast decoders).
+The section "Decoding" of bench/RESULTS.md is rewritten (bench/sections.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import baselines  # noqa: E402
+import sections  # noqa: E402
+from run import generate  # noqa: E402
+
+from imgpipe.cpus import available_cpus  # noqa: E402
+from imgpipe.data import process_dataset  # noqa: E402
+
+TOPIC = "decoding"
+PROCESS_VS_LIMIT = 0.85
+PROCESS_VS_PILLOW = 1.3
+
+
+def _write_jpegs(args: tuple[str, int, int, int]) -> None:
+    """Sample digits upscaled to ``size`` x ``size``, tinted and noised: photo-like RGB
+    content, JPEG quality 90 with Pillow's default 4:2:0 subsampling (deterministic)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root, start, stop, size = args
+    digits = load_digits()
+    base = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        src = i % len(base)
+        digit = np.asarray(Image.fromarray(base[src]).resize((size, size), Image.BILINEAR))
+        tint = rng.integers(60, 256, 3)
+        background = np.stack([(xx + yy + 40 * c + i) % 256 for c in range(3)], -1) // 3
+        pixels = background + digit[..., None].astype(np.int32) * tint // 255
+        pixels = np.clip(pixels + rng.integers(0, 16, pixels.shape), 0, 255).astype(np.uint8)
+        split = "test" if i % 6 == 0 else "train"
+        path = Path(root) / split / str(int(digits.target[src])) / f"{i:07d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=90)
+
+
+def generate_jpegs(root: Path, count: int, size: int, workers: int) -> None:
+    """An ImageFolder layout (no CSV) of ``count`` JPEGs, 1 in 6 in test."""
+    chunk = max(1, count // (workers * 4))
+    jobs = [(str(root), s, min(count, s + chunk), size) for s in range(0, count, chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_write_jpegs, jobs))
+
+
+# --------------------------------------------------------------------------- decoders
+
+
+def _pyspng(name: str) -> np.ndarray:
+    import pyspng
+
+    return pyspng.load(baselines.read_file(name))
+
+
+def _simplejpeg(name: str) -> np.ndarray:
+    import simplejpeg
+
+    return simplejpeg.decode_jpeg(baselines.read_file(name))
+
+
+def _opencv(name: str) -> np.ndarray:
+    import cv2
+
+    pixels = cv2.imread(name, cv2.IMREAD_UNCHANGED)
+    return pixels[..., ::-1] if pixels.ndim == 3 else pixels  # BGR -> RGB
+
+
+def _installed(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def decoders(kind: str) -> dict[str, Callable[[str], object]]:
+    found: dict[str, Callable[[str], object]] = {"Pillow": baselines.pillow_decode}
+    if kind == "png" and _installed("pyspng"):
+        found["pyspng"] = _pyspng
+    if kind == "jpeg" and _installed("simplejpeg"):
+        found["simplejpeg"] = _simplejpeg
+    if _installed("cv2"):
+        import cv2
+
+        cv2.setNumThreads(1)  # one core, as every other tight loop
+        found["OpenCV"] = _opencv
+    return found
+
+
+def _pillow_pixels(name: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(name) as im:
+        return np.asarray(im)
+
+
+def tight_loops(found: dict[str, Callable[[str], object]], names: list[str], repeats: int) -> dict:
+    """Images per second on one core, each decoder's best of ``repeats`` passes, the
+    decoders taking turns (on a shared machine the load changes under a run)."""
+    best = dict.fromkeys(found, 0.0)
+    for _ in range(repeats):
+        for label, decode in found.items():
+            start = time.perf_counter()
+            for name in names:
+                decode(name)
+            best[label] = max(best[label], len(names) / (time.perf_counter() - start))
+    return best
+
+
+def identical(decode: Callable[[str], object], names: list[str]) -> bool:
+    for name in names:
+        pixels = decode(name)
+        if isinstance(pixels, bytes):
+            continue  # Pillow itself
+        if not np.array_equal(np.asarray(pixels), _pillow_pixels(name)):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- processing
+
+
+def measure(kind: str, raw: Path, work: Path, sample: int, repeats: int, cpus: int) -> dict:
+    """Tight loops on ``sample`` files, then the decode limit and process_data with and
+    without the fast decoders on all of them: best of ``repeats`` each, taking turns."""
+    files = sorted(str(p) for p in raw.rglob("*.png" if kind == "png" else "*.jpg"))
+    names = files[:sample]
+    found = decoders(kind)
+    speeds = tight_loops(found, names, 2 * repeats + 1)  # cheap: more turns, less noise
+    loops = {
+        label: {"ips": speeds[label], "identical": identical(decode, names)}
+        for label, decode in found.items()
+    }
+    best = {"limit": 0.0, "fast": 0.0, "pillow": 0.0}
+    for rep in range(repeats):
+        best["limit"] = max(best["limit"], baselines.decode_limit([Path(f) for f in files], cpus))
+        for mode in ("fast", "pillow"):
+            out = work / f"processed-{mode}-{rep}"
+            start = time.perf_counter()
+            process_dataset(raw, out, 0, fast_decoders=mode == "fast")
+            best[mode] = max(best[mode], len(files) / (time.perf_counter() - start))
+            shutil.rmtree(out)
+    return {
+        "files": len(files),
+        "sample": len(names),
+        "loops": loops,
+        "decode_limit_ips": best["limit"],
+        "processing": {
+            "images": len(files),
+            "fast_ips": best["fast"],
+            "pillow_ips": best["pillow"],
+        },
+    }
+
+
+def rows_of(kind: str, title: str, m: dict) -> list[sections.Row]:
+    rows: list[sections.Row] = []
+    pillow = m["loops"]["Pillow"]["ips"]
+    for name, loop in m["loops"].items():
+        same = "identical to Pillow" if loop["identical"] else "DIFFERENT pixels"
+        rows.append(
+            (
+                f"{title}: {name} tight loop, one core",
+                f"{loop['ips']:,.0f} img/s = {loop['ips'] / pillow:.2f}x Pillow; {same} "
+                f"({m['sample']:,} files)",
+                "-",
+                "-",
+            )
+        )
+    p = m["processing"]
+    vs_limit = p["fast_ips"] / m["decode_limit_ips"]
+    vs_pillow = p["fast_ips"] / p["pillow_ips"]
+    rows.append(
+        (
+            f"{title}: process_data vs decode limit",
+            f"{p['fast_ips']:,.0f} vs {m['decode_limit_ips']:,.0f} img/s = {vs_limit:.2f}x "
+            f"({p['images']:,} images)",
+            f">= {PROCESS_VS_LIMIT}x",
+            "met" if vs_limit >= PROCESS_VS_LIMIT else "MISSED",
+        )
+    )
+    rows.append(
+        (
+            f"{title}: process_data vs Pillow-only process_data",
+            f"{p['fast_ips']:,.0f} vs {p['pillow_ips']:,.0f} img/s = {vs_pillow:.2f}x",
+            f">= {PROCESS_VS_PILLOW}x",
+            "met" if vs_pillow >= PROCESS_VS_PILLOW else "MISSED",
+        )
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pngs", type=int, default=30_000, help="28x28 grey PNGs generated")
+    parser.add_argument("--jpegs", type=int, default=5_000, help="128x128 RGB JPEGs generated")
+    parser.add_argument("--sample", type=int, default=3_000, help="files per tight loop")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, no RESULTS.md")
+    parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md is")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.pngs, args.jpegs, args.sample, args.repeats = 600, 120, 100, 1
+    cpus = available_cpus()
+    work = Path(tempfile.mkdtemp(prefix="imgpipe-decode-"))
+    started = time.perf_counter()
+    try:
+        kinds = {"png": ("28x28 grey PNG", args.pngs), "jpeg": ("128x128 RGB JPEG", args.jpegs)}
+        results: dict = {"cpus": cpus, "args": {k: str(v) for k, v in vars(args).items()}}
+        rows: list[sections.Row] = []
+        for kind, (title, count) in kinds.items():
+            raw = work / f"raw-{kind}"
+            print(f"generating {count:,} {title}s ...", flush=True)
+            if kind == "png":
+                generate(raw, count, 28, cpus)  # the main benchmark's images (with CSVs)
+            else:
+                generate_jpegs(raw, count, 128, cpus)
+            print(f"measuring {title} ...", flush=True)
+            m = measure(kind, raw, work, args.sample, args.repeats, cpus)
+            results[kind] = m
+            rows += rows_of(kind, title, m)
+            shutil.rmtree(raw)
+        results["seconds"] = time.perf_counter() - started
+        width = max(len(r[0]) for r in rows)
+        for measure_, value, target, state in rows:
+            print(f"{measure_:<{width}}  {value:<72}  {target:<8}  {state}")
+        print(f"decode bench took {results['seconds']:.0f}s")
+        intro = (
+            f"`python bench/decode.py` ({results['seconds']:.0f} s, {cpus} cores): tight loops read "
+            "and decode each file on one core; the decode limit is the fastest decoder's loop on "
+            "every core; process_data runs with the fast decoders and with Pillow alone, best of "
+            f'{args.repeats}, alternating. Notes: bench/NOTES.md, "Decoding".'
+        )
+        if not args.smoke:
+            sections.write_section(TOPIC, "Decoding", intro, rows, results, args.out / "RESULTS.md")
+        else:
+            args.out.mkdir(parents=True, exist_ok=True)
+            sections.write_section(TOPIC, "Decoding", intro, rows, results, args.out / "smoke.md")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
