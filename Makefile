@@ -36,6 +36,17 @@ DASHBOARD_PORT ?= 8080
 # GPU: empty (CPU) | nvidia | amd. The machinery behind them is in make/containers.mk.
 RUNTIME ?=
 GPU ?=
+# One training on several processes or machines (torchrun; make/containers.mk): NPROC
+# processes on this machine, NNODES machines meeting at RDZV_ENDPOINT (host:port) under
+# RDZV_ID; unset, NPROC and NNODES are nproc_per_node and nnodes of params.yaml. NODE_RANK
+# pins this machine's rank, MAX_RESTARTS lets torchrun restart a failed group.
+NPROC ?=
+NNODES ?=
+NODE_RANK ?=
+RDZV_ENDPOINT ?=
+RDZV_ID ?=
+MAX_RESTARTS ?=
+SHM_SIZE ?= 2g
 DOCKER ?= docker
 PODMAN ?= podman
 IMAGE_NAME ?= imgpipe
@@ -108,9 +119,10 @@ process-data: $(SETUP) ## Stage: raw images -> data/processed (values from param
 	@$(STAGE_CHECK)
 	$(call stage,process_data.py) $(ARGS)
 
-train: $(SETUP) ## Stage: train the CNN, tracked in MLflow + dvclive [GPU=nvidia|amd]
+train: $(SETUP) ## Stage: train the CNN, tracked in MLflow + dvclive [GPU=nvidia|amd] [NPROC=N: torchrun DDP]
 	@$(STAGE_CHECK)
-	$(call stage,train_model.py,gpu) $(ARGS)
+	@$(WORLD_CHECK)
+	$(call stage,train_model.py,gpu,torchrun) $(ARGS)
 
 sweep: $(SETUP) ## Stage: Optuna sweep (conf/train_model.yaml hydra.sweeper); WORKERS=N trials at once
 	@$(STAGE_CHECK)

@@ -90,10 +90,41 @@ container = $(call engine_bin,$(1)) run --rm --init --user $(CALLER) $(call USER
 container_run = $(call container,$(1)) \
   --volume $(MOUNT):$(MOUNT) --workdir $(CURDIR) --env PYTHONPATH=$(CURDIR)/src \
   $(foreach var,$(CONTAINER_ENV),--env $(var)) $(if $(NETWORK),--network $(NETWORK))
-# $(call stage,SCRIPT[,gpu]): an entry point with its values from params.yaml, in the image or in $(VENV)
+# $(call stage,SCRIPT[,gpu][,torchrun]): an entry point with its values from params.yaml, in the
+# image or in $(VENV); with torchrun, started on every process of the world (below) when it has several.
 stage = $(strip $(if $(filter docker podman,$(STAGE_CHOICE)),$(call container_run,$(STAGE_CHOICE)) \
-  --env IMGPIPE_PARAMS_FILE=$(PARAMS) $(if $(2),$(GPU_FLAGS_$(STAGE_CHOICE)_$(GPU))) $(IMAGE) python,\
-  IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY)) -u src/$(1)$(if $(2),$(if $(DEVICE_ARG), $(DEVICE_ARG))))
+  --env IMGPIPE_PARAMS_FILE=$(PARAMS) $(if $(2),$(GPU_FLAGS_$(STAGE_CHOICE)_$(GPU))) $(if $(3),$(WORLD_FLAGS)) $(IMAGE) python,\
+  IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY)) -u $(if $(3),$(LAUNCH))src/$(1)$(if $(2),$(if $(DEVICE_ARG), $(DEVICE_ARG)))$(if $(3),$(WORLD_ARGS)))
+
+# The world of one training: NPROC processes on each of NNODES machines, by default the
+# nproc_per_node and nnodes of params.yaml (so `dvc exp run -S nproc_per_node=2` trains on 2).
+# More than one process: torchrun starts them, through imgpipe.distributed's launcher (the same
+# arguments; the group's outcome as one line); one: the plain python command.
+param = $(shell sed -n 's/^$(1): *\([^ #]*\).*/\1/p' $(PARAMS) 2>/dev/null)
+WORLD_NPROC = $(eval WORLD_NPROC := $(or $(NPROC),$(call param,nproc_per_node),1))$(WORLD_NPROC)
+WORLD_NNODES = $(eval WORLD_NNODES := $(or $(NNODES),$(call param,nnodes),1))$(WORLD_NNODES)
+SEVERAL_NODES = $(filter-out 1,$(WORLD_NNODES))
+SEVERAL = $(filter-out 1,$(WORLD_NPROC) $(WORLD_NNODES))
+# One node: --standalone (a rendezvous on a free local port). Several: every node runs the
+# same command, meeting through c10d at RDZV_ENDPOINT under one RDZV_ID.
+TORCHRUN_ARGS = $(if $(SEVERAL_NODES),--nnodes=$(WORLD_NNODES)$(if $(NODE_RANK), --node-rank=$(NODE_RANK)) \
+  --rdzv-backend=c10d --rdzv-endpoint=$(RDZV_ENDPOINT) --rdzv-id=$(or $(RDZV_ID),$(IMAGE_NAME)-train),--standalone) \
+  --nproc-per-node=$(WORLD_NPROC)$(if $(MAX_RESTARTS), --max-restarts=$(MAX_RESTARTS))
+LAUNCH = $(if $(SEVERAL),-m imgpipe.distributed $(TORCHRUN_ARGS) )
+# Given on make's command line, the world is also what the run's config records.
+WORLD_ARGS = $(if $(NPROC)$(NNODES), nproc_per_node=$(WORLD_NPROC) nnodes=$(WORLD_NNODES))
+# In a container: nccl passes tensors through shared memory between the processes of a node,
+# more than the engine's default 64 MB /dev/shm holds: the host's IPC namespace on GPUs,
+# a bigger /dev/shm otherwise; several nodes meet on the host's network.
+WORLD_FLAGS = $(if $(SEVERAL),$(if $(GPU),--ipc=host,--shm-size=$(SHM_SIZE))$(if $(and $(SEVERAL_NODES),$(if $(NETWORK),,host)), --network host))
+
+# One line and exit 2 before anything starts: a count that is no whole number, nodes without
+# a meeting point.
+whole = [ "$(1)" -ge $(2) ] 2>/dev/null || { echo "error: $(3)=$(1) is not a whole number >= $(2)" >&2; exit 2; }
+WORLD_CHECK = $(call whole,$(WORLD_NPROC),1,$(if $(NPROC),NPROC,$(PARAMS): nproc_per_node)); \
+  $(call whole,$(WORLD_NNODES),1,$(if $(NNODES),NNODES,$(PARAMS): nnodes))$(if $(NODE_RANK),; \
+  $(call whole,$(NODE_RANK),0,NODE_RANK))$(if $(MAX_RESTARTS),; $(call whole,$(MAX_RESTARTS),0,MAX_RESTARTS))$(if $(SEVERAL_NODES),; \
+  test -n "$(RDZV_ENDPOINT)" || { echo "error: NNODES=$(WORLD_NNODES) needs RDZV_ENDPOINT=host:port (a machine every node reaches; the same on all)" >&2; exit 2; })
 
 # The tracking server: in the image (it holds the same MLflow as the code) or from $(VENV).
 SERVER_RUNTIME = $(firstword $(SERVER_CHOICE))

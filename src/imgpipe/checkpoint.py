@@ -76,6 +76,10 @@ class TrainingState:
     rng: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str | None = None
+    # With several processes: each rank's ``rng``, in rank order (``rng`` is rank 0's,
+    # so a checkpoint of 1 process and older ones, which lack these, load the same way).
+    rank_rngs: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
 
     @classmethod
     def capture(
@@ -104,12 +108,14 @@ class TrainingState:
             history=list(history),
         )
 
-    def restore(self, parts: Trainable, generator: torch.Generator) -> None:
-        """Put the weights, optimizer, scheduler and every RNG back where they were."""
+    def restore(self, parts: Trainable, generator: torch.Generator, rank: int = 0) -> None:
+        """Put the weights, optimizer, scheduler and every RNG back where they were
+        (``rank``'s own RNG states; a rank the checkpoint lacks takes rank 0's)."""
         parts.model.load_state_dict(self.model)
         parts.optimizer.load_state_dict(self.optimizer)
         parts.scheduler.load_state_dict(self.scheduler)
-        restore_rng(self.rng, generator)
+        rngs = self.rank_rngs or [self.rng]
+        restore_rng(rngs[rank] if rank < len(rngs) else rngs[0], generator)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +130,8 @@ class TrainingState:
             "fingerprint": self.fingerprint,
             "config": self.config,
             "mlflow_run_id": self.run_id,
+            "rank_rngs": self.rank_rngs,
+            "world_size": self.world_size,
         }
 
     @classmethod
@@ -148,6 +156,8 @@ class TrainingState:
             rng=state["rng"],
             history=list(state["history"]),
             run_id=state["mlflow_run_id"],
+            rank_rngs=list(state.get("rank_rngs") or []),
+            world_size=int(state.get("world_size", 1)),
         )
 
     def save(self, directory: str | os.PathLike[str], *, keep_previous: bool) -> Path:

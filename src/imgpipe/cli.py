@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
+from imgpipe import distributed
 from imgpipe.config import conf_dir, params_file_overrides, to_schema
 from imgpipe.errors import PipelineError
 from imgpipe.stop import Stopped, install
@@ -19,7 +20,10 @@ T = TypeVar("T")
 def fail(exc: BaseException) -> NoReturn:
     """Print one ``error:`` line (the console log handler would add a second) and exit 2."""
     logging.getLogger("imgpipe").debug("stopped: %s", exc)
-    print(f"error: {exc}", file=sys.stderr, flush=True)
+    # One of several processes: the line of the rank that failed first, once.
+    kind = "peer" if isinstance(exc, distributed.PeerLost) else "error"
+    if distributed.speaks(kind, f"error: {exc}"):
+        print(f"error: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -28,7 +32,8 @@ def stopped(exc: Stopped) -> NoReturn:
     line = f"stopped by {exc.signame}{exc.where or ': earlier outputs are intact, run it again'}"
     logging.getLogger("imgpipe").debug(line)
     with contextlib.suppress(OSError):  # the launcher (and its end of the pipe) may be gone
-        print(line, file=sys.stderr, flush=True)
+        if distributed.speaks("stopped", line):
+            print(line, file=sys.stderr, flush=True)
     sys.exit(exc.exit_code)
 
 

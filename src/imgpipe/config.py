@@ -105,6 +105,13 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = _changes(TRAJECTORY, False)
     compile: bool = _changes(TRAJECTORY, False)
+    # Processes per machine and machines (torchrun, `make train`): the world size splits
+    # every batch over the processes, which changes the order of float sums.
+    nproc_per_node: int = _changes(TRAJECTORY, 1)
+    nnodes: int = _changes(TRAJECTORY, 1)
+    # Splits bigger than this are streamed from their files (imgpipe.streaming): same
+    # numbers either way, so no role. None: half of the memory available (cgroups count).
+    memory_budget_mb: int | None = None
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", self.lr, "> 0")
@@ -112,6 +119,8 @@ class TrainConfig:
         _check(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]")
         _check(self.train_bs >= 1, "train_bs", self.train_bs, ">= 1")
         _check(self.test_bs >= 1, "test_bs", self.test_bs, ">= 1")
+        _check(self.nproc_per_node >= 1, "nproc_per_node", self.nproc_per_node, ">= 1")
+        _check(self.nnodes >= 1, "nnodes", self.nnodes, ">= 1")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.log_interval >= 1, "log_interval", self.log_interval, ">= 1")
         _check(
@@ -128,6 +137,12 @@ class TrainConfig:
         )
         _check(
             bool(self.mlflow_exp_name.strip()), "mlflow_exp_name", self.mlflow_exp_name, "non-empty"
+        )
+        _check(
+            self.memory_budget_mb is None or self.memory_budget_mb >= 0,
+            "memory_budget_mb",
+            self.memory_budget_mb,
+            ">= 0 or null",
         )
         _check(
             self.mlflow_registered_model_name is None
