@@ -481,3 +481,28 @@ def test_no_password_reaches_an_output_a_log_or_a_workspace_file(
             data = path.read_bytes()
             assert stack.admin_password.encode() not in data, path
             assert stack.password.encode() not in data, path
+
+
+def test_stack_up_with_its_port_taken_is_one_line_and_leaves_nothing_running(
+    stack: Stack, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = stack.env | {
+            "IMGPIPE_STACK_DIR": str(tmp_path / ".stack"),
+            "IMGPIPE_STACK_S3_PORT": str(port),
+            "MLFLOW_PORT": str(free_port()),
+            "IMGPIPE_STACK_DATABASE_URL": f"{PG}/{stack.database}",
+        }
+        result = stack.record(stack_cmd(env, tmp_path, "up"))
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = error_lines(result.stderr)
+    assert f"object server http://127.0.0.1:{port} exited at start" in line
+    assert "address already in use" in line
+    state = json.loads((tmp_path / ".stack" / "state.json").read_text())
+    assert "mlflow" not in state["procs"] and not alive(state["procs"]["weed"]["pid"])
+    assert "nothing" in stack_cmd(env, tmp_path, "down").stdout

@@ -463,7 +463,9 @@ def _write_private(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def _s3_ready(endpoint: str, keys: Mapping[str, str], proc_entry: Mapping[str, object]) -> None:
+def _s3_ready(
+    endpoint: str, keys: Mapping[str, str], proc_entry: Mapping[str, object], log: Path
+) -> None:
     import boto3
     import botocore.config
     import botocore.exceptions
@@ -471,7 +473,10 @@ def _s3_ready(endpoint: str, keys: Mapping[str, str], proc_entry: Mapping[str, o
     client = boto3.client(
         "s3", endpoint_url=endpoint, region_name="us-east-1",
         aws_access_key_id=keys["access"], aws_secret_access_key=keys["secret"],
-        config=botocore.config.Config(connect_timeout=2, retries={"max_attempts": 1}),
+        # Short reads: a port another program holds may accept and never answer.
+        config=botocore.config.Config(
+            connect_timeout=2, read_timeout=2, retries={"max_attempts": 1}
+        ),
     )  # fmt: skip
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -480,7 +485,10 @@ def _s3_ready(endpoint: str, keys: Mapping[str, str], proc_entry: Mapping[str, o
             return
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
             if not _alive(int(proc_entry["pid"]), str(proc_entry["started"])):  # type: ignore[arg-type]
-                raise PipelineError(f"object server {endpoint} exited at start") from None
+                # weed's fatal lines start with F (glog): "F1202 ... bind: address already in use"
+                fatal = [ln for ln in log.read_text().splitlines() if ln.startswith("F")]
+                why = f": {fatal[-1].split(' ', 3)[-1]}" if fatal else f" (log: {log})"
+                raise PipelineError(f"object server {endpoint} exited at start{why}") from None
             if time.monotonic() > deadline:
                 raise PipelineError(f"object server {endpoint} did not answer") from None
             time.sleep(0.3)
@@ -639,7 +647,7 @@ def up(env: Mapping[str, str], root: Path) -> str:
         if not ("weed" in procs and _alive(procs["weed"]["pid"], procs["weed"]["started"])):
             _start_weed(state, folder)
         _save(state_file, state)
-        _s3_ready(state["endpoint"], state["keys"], procs["weed"])
+        _s3_ready(state["endpoint"], state["keys"], procs["weed"], folder / "weed.log")
         ensure_bucket(state["endpoint"], state["keys"], state["bucket"])
         if not ("mlflow" in procs and _alive(procs["mlflow"]["pid"], procs["mlflow"]["started"])):
             server_env_ = _team_env(state, env)
