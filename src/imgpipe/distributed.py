@@ -41,6 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -164,7 +165,13 @@ def start(group: Group, device: torch.device) -> torch.device:
     else:
         raise PipelineError(f"several processes need the CPU or CUDA, not {device.type}")
     with peers_guarded(group):
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            store=_store_of_this_attempt(group),
+            rank=group.rank,
+            world_size=group.world,
+            device_id=device if backend == "nccl" else None,
+        )
     log.info(
         "process group: %d processes (%d on this node) on %s, rank %d",
         group.world,
@@ -192,6 +199,24 @@ def gather_rngs(state: Any, group: Group) -> None:
     state.world_size = group.world
     if group.active:
         state.rank_rngs = all_gather(group, state.rng)
+
+
+def _store_of_this_attempt(group: Group) -> Any:
+    """torchrun's store, under a prefix of its own for each restart of the group: the
+    agent keeps one store across restarts, and a restarted group that reads the dead
+    processes' addresses from it hangs or is refused (gloo, torch 2.13)."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=group.world,
+        # torchrun's agent serves it; started some other way (srun setting RANK and
+        # MASTER_ADDR), rank 0 does.
+        is_master=group.main and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"imgpipe/attempt{os.environ.get(RESTART_ENV) or 0}", store)
 
 
 def end(group: Group) -> None:
