@@ -87,6 +87,51 @@ def test_stage_commands_for_each_engine_and_gpu(
     assert process.endswith(f"{image} python -u src/process_data.py")
 
 
+@pytest.mark.parametrize(
+    ("engine", "gpu", "flags"),
+    [
+        pytest.param("docker", "", ["--shm-size=2g"], id="docker-cpu"),
+        pytest.param("docker", "nvidia", ["--gpus=all", "--ipc=host"], id="docker-nvidia"),
+        pytest.param(
+            "podman", "nvidia", ["--device=nvidia.com/gpu=all", "--ipc=host"], id="podman"
+        ),
+    ],
+)
+def test_train_on_several_processes_starts_torchrun_in_the_image(
+    project: Path, engine: str, gpu: str, flags: list[str]
+) -> None:
+    line = run_line(dry_run("train", project, f"RUNTIME={engine}", f"GPU={gpu}", "NPROC=2"))
+    for flag in flags:
+        assert flag in line, line
+    assert (
+        " python -u -m imgpipe.distributed --standalone --nproc-per-node=2 src/train_model.py"
+        in line
+    )
+    assert line.endswith("nproc_per_node=2 nnodes=1")
+    # One process: the plain command, no shared-memory flags.
+    single = run_line(dry_run("train", project, f"RUNTIME={engine}", f"GPU={gpu}"))
+    assert "imgpipe.distributed" not in single and "--ipc" not in single and "--shm" not in single
+    # Several machines meet on the host's network, at the given endpoint.
+    nodes = run_line(
+        dry_run("train", project, f"RUNTIME={engine}", "NNODES=2", "RDZV_ENDPOINT=node1:29400")
+    )
+    assert "--network host" in nodes
+    assert "--nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=node1:29400" in nodes
+
+
+def test_world_size_comes_from_params_yaml(project: Path) -> None:
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("nproc_per_node: 1", "nproc_per_node: 2"))
+    commands = dry_run("train", project, "RUNTIME=local")
+    assert "-m imgpipe.distributed --standalone --nproc-per-node=2 src/train_model.py" in commands
+    assert "imgpipe.distributed" not in dry_run("train", project, "RUNTIME=local", "NPROC=1")
+    bad = make("train", project, "NNODES=2", env={"RUNTIME": "local"})
+    assert bad.returncode == 2
+    assert error_lines(bad.stderr) == [
+        "error: NNODES=2 needs RDZV_ENDPOINT=host:port (a machine every node reaches; the same on all)"
+    ]
+
+
 def test_local_runtime_runs_the_entry_point_from_the_venv(project: Path) -> None:
     commands = dry_run("train", project, "RUNTIME=local", "GPU=nvidia", "ARGS=epochs=2")
     assert f"IMGPIPE_PARAMS_FILE=params.yaml {VENV}/bin/python -u src/train_model.py" in commands
