@@ -436,6 +436,10 @@ def test_a_bad_remote_is_one_line_before_anything_moves(
                      "imgpipe_no_such_database is not usable", id="missing-database"),
         pytest.param({"MLFLOW_ARTIFACTS": "s3://nosuch-bucket/mlflow"},
                      "bucket 'nosuch-bucket' does not exist", id="missing-artifact-bucket"),
+        pytest.param({"AWS_SECRET_ACCESS_KEY": "wrong-secret-key"},
+                     "the endpoint refused the credentials", id="refused-artifact-keys"),
+        pytest.param({"MLFLOW_S3_ENDPOINT_URL": "http://127.0.0.1:9"},
+                     "at http://127.0.0.1:9): the endpoint is unreachable", id="wrong-s3-endpoint"),
     ],
 )  # fmt: skip
 def test_a_misconfigured_team_server_is_one_line_before_it_starts(
@@ -462,27 +466,6 @@ def test_a_misconfigured_team_server_is_one_line_before_it_starts(
     assert "Traceback" not in result.stderr
 
 
-def test_no_password_reaches_an_output_a_log_or_a_workspace_file(
-    stack: Stack, clones: Clones
-) -> None:
-    """Last in the module: every command before it was recorded."""
-    secrets_ = (stack.password, stack.admin_password)
-    for output in stack.outputs:
-        for secret in secrets_:
-            assert secret not in output
-    for clone in (clones.a, clones.b):
-        for path in clone.rglob("*"):
-            if path.is_file():
-                data = path.read_bytes()
-                for secret in secrets_:
-                    assert secret.encode() not in data, path
-    for path in stack.folder.rglob("*"):  # the stack's logs and state too
-        if path.is_file() and path.suffix in (".log", ".json", ""):
-            data = path.read_bytes()
-            assert stack.admin_password.encode() not in data, path
-            assert stack.password.encode() not in data, path
-
-
 def test_stack_up_with_its_port_taken_is_one_line_and_leaves_nothing_running(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -506,3 +489,24 @@ def test_stack_up_with_its_port_taken_is_one_line_and_leaves_nothing_running(
     state = json.loads((tmp_path / ".stack" / "state.json").read_text())
     assert "mlflow" not in state["procs"] and not alive(state["procs"]["weed"]["pid"])
     assert "nothing" in stack_cmd(env, tmp_path, "down").stdout
+
+
+def test_no_password_reaches_an_output_a_log_or_a_workspace_file(
+    stack: Stack, clones: Clones
+) -> None:
+    """Last in the module: every command before it was recorded."""
+    secrets_ = (stack.password, stack.admin_password)
+    for output in stack.outputs:
+        for secret in secrets_:
+            assert secret not in output
+    for clone in (clones.a, clones.b):
+        for path in clone.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                for secret in secrets_:
+                    assert secret.encode() not in data, path
+    for path in stack.folder.rglob("*"):  # the stack's logs and state too
+        if path.is_file() and path.suffix in (".log", ".json", ""):
+            data = path.read_bytes()
+            assert stack.admin_password.encode() not in data, path
+            assert stack.password.encode() not in data, path
