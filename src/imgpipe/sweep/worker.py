@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -11,6 +12,7 @@ import multiprocessing.connection
 import os
 import socket
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,11 +250,52 @@ def _stop_workers(procs: list, signum: int) -> None:
             p.join()
 
 
+# --------------------------------------------------------------------------- GPUs
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (indices or
+    UUIDs); without it, every GPU torch counts (none on a machine without CUDA)."""
+    named = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if named is not None:
+        return [d.strip() for d in named.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def gpu_for_worker(index: int, gpus: Sequence[str]) -> str | None:
+    """Worker ``index``'s GPU: one each, round the visible ones (worker i: GPU i mod count)."""
+    return gpus[index % len(gpus)] if gpus else None
+
+
+@contextlib.contextmanager
+def _sees_only(gpu: str | None) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES for a child started inside the block (it inherits the
+    environment at start, before it can import torch); this process's is put back."""
+    if gpu is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def run_workers(settings: SweepSettings) -> None:
     """Worker 0 in this process when alone; otherwise ``n_jobs`` spawned processes."""
     if settings.n_jobs == 1:
         run_worker(settings, 0)
         return
+    # On GPUs, one trial per GPU at a time: worker i sees only GPU i mod count.
+    gpus = visible_gpus()
+    if gpus:
+        log.info("%d workers over %d GPU(s)", settings.n_jobs, len(gpus))
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(
@@ -262,8 +305,9 @@ def run_workers(settings: SweepSettings) -> None:
         )
         for i in range(settings.n_jobs)
     ]
-    for p in procs:
-        p.start()
+    for i, p in enumerate(procs):
+        with _sees_only(gpu_for_worker(i, gpus)):
+            p.start()
     try:
         while any(p.is_alive() for p in procs):
             multiprocessing.connection.wait([p.sentinel for p in procs], timeout=POLL_S)
