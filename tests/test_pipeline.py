@@ -36,9 +36,12 @@ def test_make_run_then_repro_then_experiment(project: Path) -> None:
     summary = json.loads((project / "dvclive" / "metrics.json").read_text())
     assert summary["test"]["accuracy"] >= 0.95
     assert summary["step"] == 10
-    for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy"):
+    for name in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         rows = (project / "dvclive" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
         assert len(rows) == 11, name  # header + one row per epoch
+    for name in ("test/loss", "test/accuracy"):  # evaluated once, after the last epoch
+        rows = (project / "dvclive" / "plots" / "metrics" / f"{name}.tsv").read_text().splitlines()
+        assert [r.split("\t")[0] for r in rows[1:]] == ["10"], name
     assert (project / "models" / "checkpoint.pt").is_file() and (
         project / "models" / "model.pt"
     ).is_file()
@@ -62,9 +65,11 @@ def test_make_run_then_repro_then_experiment(project: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["lr"] == "1.0" and run.data.params["epochs"] == "10"
     assert run.data.tags["git_commit"] and len(run.data.tags["git_commit"]) == 40
-    history = client.get_metric_history(run.info.run_id, "test/accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, 11))
-    assert history[-1].value == pytest.approx(summary["test"]["accuracy"])
+    assert history[-1].value == pytest.approx(summary["val"]["accuracy"])
+    (tested,) = client.get_metric_history(run.info.run_id, "test/accuracy")
+    assert tested.step == 10 and tested.value == pytest.approx(summary["test"]["accuracy"])
 
     # Nothing changed: a second repro runs no stage and writes no run.
     again = dvc(project, "repro")

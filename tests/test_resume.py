@@ -268,13 +268,11 @@ def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
 
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("image-classification").experiment_id])
-    (run,) = [r for r in runs if client.get_metric_history(r.info.run_id, "test/loss")]
+    (run,) = [r for r in runs if client.get_metric_history(r.info.run_id, "val/loss")]
     for name in METRIC_NAMES:
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, name)) == list(
             range(1, 7)
         )
-    rows = (
-        (project / "dvclive" / "plots" / "metrics" / "test" / "loss.tsv").read_text().splitlines()
-    )
+    rows = (project / "dvclive" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == [str(e) for e in range(1, 7)]
     assert "up to date" in dvc(project, "status", "train").stdout

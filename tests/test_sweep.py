@@ -69,7 +69,8 @@ def test_seed_multirun_runs_the_configured_trials(sample_processed: Path, tmp_pa
     assert (results / "pareto_front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (results / "trials.csv").read_text().splitlines()
     assert rows[0].startswith(
-        "number,state,params_lr,params_train_bs,values_test_loss,values_test_accuracy"
+        "number,state,params_lr,params_train_bs,values_val_loss,values_val_accuracy,"
+        "test_loss,test_accuracy,"
     )
     assert len(rows) == 4 and all(",COMPLETE," in r for r in rows[1:])
     best = yaml.safe_load((results / "best_params.yaml").read_text())
@@ -85,7 +86,7 @@ def test_seed_multirun_runs_the_configured_trials(sample_processed: Path, tmp_pa
     assert sorted(r.data.tags["trial_number"] for r in children) == ["0", "1", "2"]
     assert parent.data.tags["best_trial"] == str(best["trial"])
     for child in children:
-        assert len(client.get_metric_history(child.info.run_id, "test/loss")) == 2
+        assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 2
     # Every trial trained into its own folder.
     checkpoints = sorted((tmp_path / "sweep" / "study").glob("*/trials/*/models/checkpoint.pt"))
     assert len(checkpoints) == 3
@@ -294,7 +295,8 @@ def test_machines_finishing_one_parent_run_at_once_all_succeed(
     best = {
         "trial": 5,
         "params": {"lr": 1.2, "train_bs": 48},
-        "values": {"test/loss": 0.25, "test/acc": 0.9},
+        "values": {"val/loss": 0.25, "val/accuracy": 0.9},
+        "test": {"test/loss": 0.3, "test/accuracy": 0.875},
         "mlflow_run_id": "abc",
     }
     machines = 4
@@ -320,9 +322,15 @@ def test_machines_finishing_one_parent_run_at_once_all_succeed(
         assert run.info.status == "FINISHED"
         assert run.data.tags["best_trial"] == "5"
         assert run.data.tags["best_params.lr"] == "1.2"
-        assert run.data.metrics == {"best/loss": 0.25, "best/acc": 0.9}
+        assert run.data.metrics == {
+            "best/val/loss": 0.25,
+            "best/val/accuracy": 0.9,
+            "best/test/loss": 0.3,
+            "best/test/accuracy": 0.875,
+        }
         # Identical writes leave one point per metric, not one per machine.
-        assert len(client.get_metric_history(parent, "best/loss")) == 1
+        assert len(client.get_metric_history(parent, "best/val/loss")) == 1
+        assert len(client.get_metric_history(parent, "best/test/loss")) == 1
         artifacts = {a.path for a in client.list_artifacts(parent, "sweep")}
         assert artifacts == {f"sweep/{name}" for name in names}
 
@@ -386,7 +394,7 @@ def test_three_machines_share_one_study_through_postgresql(
         # Every machine recorded the same best trial on the parent and ended it.
         assert parent.info.status == "FINISHED"
         assert parent.data.tags["best_trial"] in {str(t.number) for t in complete}
-        assert len(client.get_metric_history(parent.info.run_id, "best/loss")) == 1
+        assert len(client.get_metric_history(parent.info.run_id, "best/val/loss")) == 1
         assert len({r.data.tags["hptuning_tag"] for r in runs}) == 1
         everything = "".join(out + err for out, err in outputs)
         for root in tmp_path.glob("machine-*"):

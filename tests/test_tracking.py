@@ -59,8 +59,9 @@ def test_training_against_a_real_mlflow_server(
     (run,) = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
     assert run.data.params["lr"] == "1.5"
     assert run.data.tags["hptuning_tag"] == "42"
-    history = client.get_metric_history(run.info.run_id, "test/accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test/accuracy")] == [2]
     assert not (tmp_path / "mlruns").exists()  # nothing written to the local store
 
 

@@ -143,8 +143,8 @@ def test_server_restarted_mid_training_gets_every_epoch_once(
     got = history(server.url, result.run_id)
     expected = checkpoint_values(tmp_path / "run" / "models")
     assert {n: [(s, v) for s, v, _ in points] for n, points in got.items()} == expected
-    assert [e for e, _ in expected["test/loss"]] == list(range(1, EPOCHS + 1))
-    live = (tmp_path / "run" / "dvclive" / "plots" / "metrics" / "test" / "loss.tsv").read_text()
+    assert [e for e, _ in expected["val/loss"]] == list(range(1, EPOCHS + 1))
+    live = (tmp_path / "run" / "dvclive" / "plots" / "metrics" / "val" / "loss.tsv").read_text()
     assert len(live.splitlines()) == EPOCHS + 1  # header + one row per epoch
     assert MlflowClient(server.url).get_run(result.run_id).info.status == "FINISHED"
     assert ready_models(server.url, result.run_id) == 1
@@ -199,7 +199,7 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     assert "MLFLOW_TRACKING_URI" in line  # the URL has a password: the user supplies it
     state, _ = checkpoint.load_latest(models)
     assert state.epoch == EPOCHS and (models / "model.pt").is_file()
-    live = (tmp_path / "run" / "dvclive" / "plots" / "metrics" / "test" / "loss.tsv").read_text()
+    live = (tmp_path / "run" / "dvclive" / "plots" / "metrics" / "val" / "loss.tsv").read_text()
     assert len(live.splitlines()) == EPOCHS + 1
 
     server.start()
@@ -213,6 +213,11 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     got = history(server.url, run_id)
     expected = checkpoint_values(models)
     assert {n: [(s, v) for s, v, _ in points] for n, points in got.items()} == expected
+    # test/* was measured once, after the last epoch: the sync sends it once, at that step.
+    tested = MlflowClient(server.url).get_metric_history(run_id, "test/loss")
+    assert [(m.step, m.value) for m in tested] == [
+        (EPOCHS, state.history[-1]["metrics"]["test/loss"])
+    ]
     assert MlflowClient(server.url).get_run(run_id).info.status == "FINISHED"
     assert ready_models(server.url, run_id) == 1
     assert "registered as model 'gone-cnn' version 1" in first.stdout

@@ -11,6 +11,7 @@ import torch
 
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
+from imgpipe.data import load_processed
 from imgpipe.errors import PipelineError
 from imgpipe.testing import train_config
 from imgpipe.train import train
@@ -47,7 +48,8 @@ def test_outputs_checkpoint_and_dvclive(cfg: TrainConfig, tmp_path: Path) -> Non
     assert timings.tracking_background_cpu_s == 0
 
     state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
-    assert state["epoch"] == 3 and state["global_step"] == 3 * -(-1438 // cfg.train_bs)
+    n_train = len(load_processed(cfg.data_dir_path).train.labels)
+    assert state["epoch"] == 3 and state["global_step"] == 3 * -(-n_train // cfg.train_bs)
     assert {"model", "optimizer", "scheduler", "rng", "history", "fingerprint"} <= set(state)
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     assert state["history"][-1]["metrics"]["test/accuracy"] == accuracy
@@ -85,10 +87,11 @@ def test_mlflow_run_has_params_history_tags_and_model(
     assert run.info.status == "FINISHED" and run.info.run_name == "unit"
     assert run.data.params["lr"] == "1.0" and run.data.params["epochs"] == "3"
     assert run.data.tags["hptuning_tag"] == "1732700000"
-    for name in ("train/loss", "train/accuracy", "test/loss", "test/accuracy"):
+    for name in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
         history = client.get_metric_history(run.info.run_id, name)
         assert sorted(m.step for m in history) == [1, 2, 3], name
-    assert client.get_metric_history(run.info.run_id, "test/accuracy")[-1].value == accuracy
+    (tested,) = client.get_metric_history(run.info.run_id, "test/accuracy")  # once, at the end
+    assert tested.step == 3 and tested.value == accuracy
     state = checkpoint.load(tmp_path / "models" / "checkpoint.pt")
     assert state["mlflow_run_id"] == run.info.run_id == result.run_id
     # The model is a real MLflow model that loads and predicts, as PyTorch and as served:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +98,13 @@ class TensorSplit:
         y = self.labels[index].to(self.device, non_blocking=True)
         return (x if self.normalised else self._normalise(x)), y
 
+    def batches(
+        self, indices: Iterable[torch.Tensor | slice]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches for ``indices``, in order (``streaming.StreamingSplit`` reads them ahead)."""
+        for index in indices:
+            yield self.batch(index)
+
 
 @dataclass(frozen=True)
 class EpochResult:
@@ -129,48 +136,93 @@ def train_one_epoch(
     log_interval: int,
     bf16: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> EpochResult | None:
     """Train one pass over ``data`` in an order drawn from ``generator``. None when
-    ``should_stop`` (asked before every batch) says so: the epoch is abandoned."""
+    ``should_stop`` (asked before every batch) says so: the epoch is abandoned.
+    ``on_progress(batches done, batches, loss)`` is called every ``log_interval`` batches.
+
+    With ``world`` > 1 processes (``model`` wrapped in DDP) every rank draws the same
+    order and trains on its contiguous share of each batch of ``batch_size``; the loss
+    is scaled so the averaged gradient is the whole batch's (``imgpipe.distributed``)."""
     model.train()
     total_loss = torch.zeros((), device=data.device)
     correct = torch.zeros((), dtype=torch.long, device=data.device)
     n = len(data)
     seen = 0
-    for step, index in enumerate(shuffled_batches(n, batch_size, generator), start=1):
+    order = shuffled_batches(n, batch_size, generator)
+    if world > 1:
+        order = (index.tensor_split(world)[rank] for index in order)
+    batches = data.batches(order)
+    for step, (x, y) in enumerate(batches, start=1):
         if should_stop is not None and should_stop():
+            batches.close()  # a streaming split's reader thread ends here, not at garbage collection
             return None
-        x, y = data.batch(index)
         optimizer.zero_grad(set_to_none=True)
         with autocast(data.device, bf16):
             output = model(x)
-            loss = F.nll_loss(output, y)
+            if world == 1:
+                loss = F.nll_loss(output, y)
+            else:  # DDP divides the summed gradients by world: sum/batch * world undoes it
+                whole = min(batch_size, n - (step - 1) * batch_size)
+                loss = F.nll_loss(output, y, reduction="sum") * (world / whole)
         loss.backward()
         optimizer.step()
         # Accumulate on the device: a .item() per batch would sync every step.
-        total_loss += loss.detach() * len(y)
+        total_loss += loss.detach() * (len(y) if world == 1 else whole / world)
         correct += (output.detach().argmax(dim=1) == y).sum()
         seen += len(y)
-        if step % log_interval == 0:
-            log.debug("train epoch %d [%d/%d] loss %.6f", epoch, seen, n, loss.item())
+        if step % log_interval == 0:  # the only device sync inside the epoch, for both
+            value = loss.item()
+            log.debug("train epoch %d [%d/%d] loss %.6f", epoch, seen, n, value)
+            if on_progress is not None:
+                on_progress(step, (n + batch_size - 1) // batch_size, value)
+    if world > 1:
+        total_loss, correct = _summed_over_ranks(total_loss, correct)
     return EpochResult(loss=total_loss.item() / n, accuracy=correct.item() / n)
+
+
+def _summed_over_ranks(*values: torch.Tensor) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    for value in values:
+        dist.all_reduce(value)
+    return list(values)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: TensorSplit, batch_size: int, bf16: bool = False
+    model: nn.Module,
+    data: TensorSplit,
+    batch_size: int,
+    bf16: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[EpochResult, torch.Tensor]:
-    """Mean loss and accuracy over ``data``, plus the predicted class of every item."""
+    """Mean loss and accuracy over ``data``, plus the predicted class of every item.
+    With ``world`` > 1 each rank scores its contiguous share and every rank gets the
+    summed numbers and all predictions, so all agree."""
     model.eval()
     total_loss = torch.zeros((), device=data.device)
-    predictions = []
+    predictions = [torch.zeros(0, dtype=torch.long, device=data.device)]
     n = len(data)
-    for start in range(0, n, batch_size):
-        x, y = data.batch(slice(start, start + batch_size))
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    shares = (slice(start, min(start + batch_size, hi)) for start in range(lo, hi, batch_size))
+    for x, y in data.batches(shares):
         with autocast(data.device, bf16):
             output = model(x)
         total_loss += F.nll_loss(output.float(), y, reduction="sum")
         predictions.append(output.argmax(dim=1))
     predicted = torch.cat(predictions).cpu()
-    accuracy = (predicted == data.labels.cpu()).float().mean().item()
-    return EpochResult(loss=total_loss.item() / n, accuracy=accuracy), predicted
+    hits = predicted == data.labels[lo:hi].cpu()
+    if world == 1:
+        return EpochResult(total_loss.item() / n, hits.float().mean().item()), predicted
+    import torch.distributed as dist
+
+    total_loss, correct = _summed_over_ranks(total_loss, hits.sum().to(total_loss.device))
+    shares_of_all: list[torch.Tensor | None] = [None] * world
+    dist.all_gather_object(shares_of_all, predicted)
+    predicted = torch.cat([p for p in shares_of_all if p is not None])
+    return EpochResult(total_loss.item() / n, correct.item() / n), predicted

@@ -8,7 +8,7 @@ from typing import Any
 
 from imgpipe.atomic import atomic_dir
 from imgpipe.errors import PipelineError
-from imgpipe.sweep.settings import OBJECTIVE_NAMES, SweepSettings
+from imgpipe.sweep.settings import OBJECTIVE_NAMES, TEST_NAMES, SweepSettings
 
 # The results folder, in the order write_results writes it.
 RESULT_FILES = ("optimization_results.yaml", "best_params.yaml", "trials.csv", "pareto_front.png")
@@ -16,7 +16,7 @@ RESULT_FILES = ("optimization_results.yaml", "best_params.yaml", "trials.csv", "
 
 def best_trial(study, directions: list[str]):
     """The documented rule: among the Pareto-optimal trials, the best on the first
-    objective (test loss by default), ties broken by the second (test accuracy)."""
+    objective (val loss by default), ties broken by the second (val accuracy)."""
     sign = [1 if d == "minimize" else -1 for d in directions]
     front = study.best_trials
     if not front:
@@ -45,6 +45,7 @@ def trials_table(study) -> tuple[list[str], list[list[Any]]]:
         "state",
         *(f"params_{p}" for p in param_names),
         *(f"values_{n.replace('/', '_')}" for n in names),
+        *(n.replace("/", "_") for n in TEST_NAMES),
         "duration_s",
         "mlflow_run_id",
         "failure",
@@ -58,6 +59,7 @@ def trials_table(study) -> tuple[list[str], list[list[Any]]]:
                 t.state.name,
                 *(t.params.get(p) for p in param_names),
                 *values,
+                *(t.user_attrs.get(n) for n in TEST_NAMES),
                 t.user_attrs.get("duration_s"),
                 t.user_attrs.get("mlflow_run_id", ""),
                 t.user_attrs.get("failure", ""),
@@ -135,6 +137,8 @@ def write_results(study, settings: SweepSettings) -> dict[str, Any]:
         "trial": best.number,
         "params": best.params,
         "values": dict(zip(names, best.values, strict=False)),
+        # measured once at the trial's end, not looked at by the choice above
+        "test": {n: best.user_attrs[n] for n in TEST_NAMES if n in best.user_attrs},
         "mlflow_run_id": best.user_attrs.get("mlflow_run_id", ""),
     }
     with atomic_dir(settings.results_dir) as tmp:

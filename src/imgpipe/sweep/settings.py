@@ -12,7 +12,10 @@ from imgpipe.config import TrainConfig, conf_dir, result_keys, to_schema
 from imgpipe.cpus import available_cpus
 from imgpipe.errors import PipelineError
 
-OBJECTIVE_NAMES = ("test/loss", "test/accuracy")  # what a trial returns, in order
+# What a trial returns, in order: validation metrics. Test is measured once per trial and
+# only reported (user attrs, the parent run), so the chosen trial's test score is unbiased.
+OBJECTIVE_NAMES = ("val/loss", "val/accuracy")
+TEST_NAMES = ("test/loss", "test/accuracy")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/imgpipe
 
 # The keys that change what a trial computes; paths and tracking settings do not,

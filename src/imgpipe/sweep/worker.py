@@ -12,11 +12,11 @@ import multiprocessing.connection
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgpipe import stop
+from imgpipe import progress, stop
 from imgpipe.config import TrainConfig, to_schema
 from imgpipe.errors import PipelineError
 from imgpipe.sweep.settings import SweepSettings, _distributions
@@ -151,7 +151,10 @@ def run_trial(
         trial.set_user_attr("mlflow_run_id", result.run_id)
     trial.set_user_attr("duration_s", round(time.perf_counter() - started, 3))
     trial.set_user_attr("train_s", round(result.timings.epochs_s, 3))
-    values = (result.test_loss, result.test_accuracy)
+    # Reported, never optimised: the parent run shows the chosen trial's test metrics.
+    trial.set_user_attr("test/loss", result.test_loss)
+    trial.set_user_attr("test/accuracy", result.test_accuracy)
+    values = result.objectives
     if not all(math.isfinite(v) for v in values):
         trial.set_user_attr("failure", f"non-finite objective {values}")  # Optuna fails it
     return values[: len(settings.directions)]
@@ -173,8 +176,11 @@ def _retry_later(study, trial) -> None:
 # --------------------------------------------------------------------------- workers
 
 
-def run_worker(settings: SweepSettings, index: int) -> int:
-    """Take trials from the study until it holds ``n_trials`` finished ones; return how many ran."""
+def run_worker(
+    settings: SweepSettings, index: int, on_progress: Callable[[], None] | None = None
+) -> int:
+    """Take trials from the study until it holds ``n_trials`` finished ones; return how many
+    ran. ``on_progress`` is called whenever the study may have moved on (the sweep's bar)."""
     import optuna
     import torch
 
@@ -205,6 +211,8 @@ def run_worker(settings: SweepSettings, index: int) -> int:
         optuna.storages.fail_stale_trials(study)
         fail_dead_local_trials(study)
         now = census(study)
+        if on_progress is not None:
+            on_progress()
         if now.finished >= settings.n_trials:
             break
         if now.finished + now.running >= settings.n_trials and not now.waiting:
@@ -224,6 +232,7 @@ def _worker_entry(settings: SweepSettings, index: int, log_dir: str, parent: int
     stop.die_with_parent(parent)  # a main process killed by SIGKILL leaves no worker behind
     stop.install(watch_launchers=False)
     setup_logging(log_dir)
+    progress.hide_in_this_process()  # the main process draws the sweep's one bar
     try:
         run_worker(settings, index)
     except PipelineError as exc:
@@ -287,10 +296,11 @@ def _sees_only(gpu: str | None) -> Iterator[None]:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-def run_workers(settings: SweepSettings) -> None:
-    """Worker 0 in this process when alone; otherwise ``n_jobs`` spawned processes."""
+def run_workers(settings: SweepSettings, on_progress: Callable[[], None] | None = None) -> None:
+    """Worker 0 in this process when alone; otherwise ``n_jobs`` spawned processes.
+    ``on_progress`` is called after each trial here, or every ``POLL_S`` while workers run."""
     if settings.n_jobs == 1:
-        run_worker(settings, 0)
+        run_worker(settings, 0, on_progress)
         return
     # On GPUs, one trial per GPU at a time: worker i sees only GPU i mod count.
     gpus = visible_gpus()
@@ -311,6 +321,8 @@ def run_workers(settings: SweepSettings) -> None:
     try:
         while any(p.is_alive() for p in procs):
             multiprocessing.connection.wait([p.sentinel for p in procs], timeout=POLL_S)
+            if on_progress is not None:
+                on_progress()
             if stop.requested():
                 stopped = stop.stopped("")
                 _stop_workers(procs, stopped.signum)

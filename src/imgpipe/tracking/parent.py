@@ -68,6 +68,9 @@ def finish_parent_run(
 ) -> None:
     """Record the best trial (and the result files ``artifacts``) on the parent run; end it.
 
+    Its metrics: ``best/<objective>`` (val, what it was chosen on) and ``best/test/*``, the
+    trial's test metrics, measured once at its end and never used for the choice.
+
     Every machine of a shared study gets here once the study is done, at about the same
     moment and with the same best trial, so the writes must be idempotent and tolerate each
     other: the tags and metrics go in one ``log_batch`` (MLflow's store retries concurrent
@@ -90,8 +93,8 @@ def finish_parent_run(
         client.log_batch(
             run_id,
             metrics=[
-                Metric(f"best/{key.split('/')[-1]}", value, best_at_ms, 0)
-                for key, value in best["values"].items()
+                Metric(f"best/{key}", value, best_at_ms, 0)
+                for key, value in (best["values"] | best.get("test", {})).items()
             ],
             tags=[RunTag(key, value) for key, value in tags.items()],
         )
