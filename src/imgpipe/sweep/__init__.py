@@ -22,9 +22,11 @@ ours, because the sweeper's waits for the slowest trial of each batch, runs
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any
 
+from imgpipe import progress
 from imgpipe.redact import redact_url
 from imgpipe.stop import Stopped
 from imgpipe.sweep.results import completed_ms, result_paths, write_results
@@ -97,7 +99,8 @@ def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:
     best = None
     best_at_ms = 0
     try:
-        run_workers(settings)
+        with progress.sweep_bar(settings.n_trials) as bar:
+            run_workers(settings, on_progress=lambda: _show_progress(bar, study, settings))
         best = write_results(study, settings)
         best_at_ms = completed_ms(study, best)
         status = "FINISHED"
@@ -114,6 +117,22 @@ def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:
             artifacts=result_paths(settings),
         )
     return best
+
+
+def _show_progress(bar: progress.SweepBar, study: Any, settings: SweepSettings) -> None:
+    """Trials done (as the workers count them) and the best first objective so far."""
+    if not bar.active:
+        return
+    from optuna.trial import TrialState
+
+    values = [
+        t.values[0]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.values and math.isfinite(t.values[0])
+    ]
+    pick = max if settings.directions[0] == "maximize" else min
+    names = getattr(study, "metric_names", None) or settings.directions
+    bar.update(census(study).finished, pick(values) if values else None, names[0])
 
 
 def main(config_name: str, argv: list[str]) -> None:
