@@ -353,8 +353,16 @@ def test_the_fast_decoders_give_pillows_pixels(
     fast = decode_fast(str(path), 0)
     assert fast is not None, "the fast decoder should take this file"
     with Image.open(path) as im:
-        np.testing.assert_array_equal(fast[0], np.asarray(im))
+        expected = np.asarray(im)
+        np.testing.assert_array_equal(fast[0], expected)
         assert fast[1] == im.mode
+    # Decoded into a chunk's row, as process_data does (in place for JPEG).
+    row = np.zeros((*pixels.shape[:2], 1 if pixels.ndim == 2 else 3), dtype=np.uint8)
+    into = decode_fast(str(path), 0, out=row)
+    assert into is not None
+    np.testing.assert_array_equal(into[0], expected)
+    if ext == "jpg":
+        np.testing.assert_array_equal(row.reshape(expected.shape), expected)
 
 
 def _unusual() -> list:
@@ -411,6 +419,19 @@ def test_without_the_fast_wheels_pillow_gives_the_same_arrays(tmp_path: Path) ->
         " image_size=(6, 6), image_mode='RGB')\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    for name in ("train", "val", "test"):
+        fast = np.load(tmp_path / "fast" / f"{name}_images.npy")
+        np.testing.assert_array_equal(fast, np.load(tmp_path / "pillow" / f"{name}_images.npy"))
+
+
+def test_fast_and_pillow_only_processing_write_the_same_arrays(tmp_path: Path) -> None:
+    """Same-size files take the fast path all the way (JPEGs decoded in place)."""
+    raw = tmp_path / "raw"
+    for i in range(24):
+        split, label = ("test" if i % 4 == 0 else "train"), "ab"[i % 2]
+        _save(raw / split / label / f"{i}.jpg", _gradient(10, 12, 3, i), quality=80 + i)
+    process_dataset(raw, tmp_path / "fast", num_workers=1)
+    process_dataset(raw, tmp_path / "pillow", num_workers=1, fast_decoders=False)
     for name in ("train", "val", "test"):
         fast = np.load(tmp_path / "fast" / f"{name}_images.npy")
         np.testing.assert_array_equal(fast, np.load(tmp_path / "pillow" / f"{name}_images.npy"))

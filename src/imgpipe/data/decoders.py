@@ -1,7 +1,7 @@
 """Fast decoders for the common files, with exactly Pillow's pixels; Pillow for the rest.
 
 ``decode_fast`` decodes an 8-bit grayscale or RGB PNG with libspng (pyspng) and a
-grayscale or YCbCr JPEG with libjpeg-turbo (simplejpeg): 5x and 3x Pillow's speed on
+grayscale or YCbCr JPEG with libjpeg-turbo (simplejpeg): 2-3x Pillow's speed per file on
 the benchmark's images (bench/RESULTS.md, "Decoding"). It returns None for anything
 else, and the caller decodes the file with Pillow as before, so Pillow's rules and error
 messages stay the only ones users meet:
@@ -9,8 +9,8 @@ messages stay the only ones users meet:
 - PNG: only a file that starts with the PNG signature and whose every chunk has a good
   CRC and is one of ``_PNG_PLAIN_CHUNKS``, with bit depth 8, colour type 0 or 2, no
   interlacing (palette, 16-bit, alpha, tRNS, ICC profiles, compressed text and damaged
-  files all go to Pillow). libspng is told to skip CRCs and ancillary chunks here, so
-  the scan is what checks them;
+  files all go to Pillow). pyspng has libspng ignore CRCs, so the scan is what checks
+  them;
 - JPEG: only a file whose header libjpeg-turbo reads as Gray or YCbCr (CMYK, YCCK and
   Adobe RGB go to Pillow); both decode with the same integer IDCT and fancy upsampling,
   so progressive and every chroma subsampling give Pillow's pixels (tests/test_layouts.py);
@@ -108,7 +108,9 @@ def _decode_png(path: str, data: bytes, max_pixels: int) -> tuple[np.ndarray, st
     return pixels, mode
 
 
-def _decode_jpeg(path: str, data: bytes, max_pixels: int) -> tuple[np.ndarray, str] | None:
+def _decode_jpeg(
+    path: str, data: bytes, max_pixels: int, out: np.ndarray | None
+) -> tuple[np.ndarray, str] | None:
     simplejpeg = _module("simplejpeg")
     if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
         return None
@@ -120,8 +122,11 @@ def _decode_jpeg(path: str, data: bytes, max_pixels: int) -> tuple[np.ndarray, s
     if modes is None:
         return None
     check_pixels(path, width, height, max_pixels)
+    channels = 1 if modes[0] == "L" else 3
+    if out is not None and out.shape != (height, width, channels):
+        out = None
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace=modes[1], strict=True)
+        pixels = simplejpeg.decode_jpeg(data, colorspace=modes[1], strict=True, buffer=out)
     except ValueError:
         return None
     return (pixels[..., 0] if modes[0] == "L" else pixels), modes[0]
@@ -148,10 +153,15 @@ def _read(path: str) -> bytes | None:
         os.close(fd)
 
 
-def decode_fast(path: str, max_pixels: int) -> tuple[np.ndarray, str] | None:
+def decode_fast(
+    path: str, max_pixels: int, out: np.ndarray | None = None
+) -> tuple[np.ndarray, str] | None:
     """Pixels (H, W) or (H, W, 3) uint8 and their mode, L or RGB, or None: use Pillow.
 
-    Raises PipelineError when the header declares more than ``max_pixels`` (0: no limit).
+    A JPEG whose pixels fit ``out`` (H, W, C) exactly is decoded into it, saving two
+    copies of each image (a tenth of a 128x128 JPEG's processing); the pixels returned are
+    then a view of ``out``. Raises PipelineError when the header declares more than
+    ``max_pixels`` (0: no limit).
     """
     _, dot, suffix = path[-5:].lower().rpartition(".")
     fmt = _FAST_SUFFIXES.get(suffix) if dot else None
@@ -162,4 +172,4 @@ def decode_fast(path: str, max_pixels: int) -> tuple[np.ndarray, str] | None:
         return None
     if fmt == "PNG":
         return _decode_png(path, data, max_pixels)
-    return _decode_jpeg(path, data, max_pixels)
+    return _decode_jpeg(path, data, max_pixels, out)

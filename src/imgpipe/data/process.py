@@ -104,9 +104,10 @@ class Target:
             )
 
 
-def _decode_pixels(path: str, target: Target) -> bytes:
+def _decode_pixels(path: str, target: Target, out: np.ndarray | None = None) -> bytes | None:
     """One image's pixel rows as bytes, in the target's size and mode; other modes are
-    converted where they can be, and what cannot is named.
+    converted where they can be, and what cannot is named. None: the pixels were decoded
+    straight into ``out`` (H, W, C), the image's row of the chunk.
 
     Format, pixel limit and size come from the header, before any pixel is decoded. The
     common files go through the fast decoders (``decoders``: Pillow's pixels); Pillow
@@ -115,11 +116,13 @@ def _decode_pixels(path: str, target: Target) -> bytes:
     interface, are a sizeable share of a small PNG's decode (bench/NOTES.md).
     """
     try:
-        fast = decode_fast(path, target.max_pixels) if target.fast else None
+        fast = decode_fast(path, target.max_pixels, out) if target.fast else None
         if fast is not None:
             pixels, mode = fast
             got = (pixels.shape[1], pixels.shape[0])
             if got == target.size and mode == target.mode:
+                if out is not None and np.may_share_memory(pixels, out):
+                    return None  # decoded in place
                 return pixels.tobytes()
             target.check_size(got, path)
             from PIL import Image
@@ -152,7 +155,9 @@ def _decode_chunk(
     rows = memoryview(block).cast("B")
     step = block[0].nbytes
     for i, name in enumerate(files):
-        rows[i * step : (i + 1) * step] = _decode_pixels(name, target)
+        pixels = _decode_pixels(name, target, block[i])
+        if pixels is not None:
+            rows[i * step : (i + 1) * step] = pixels
     fd = os.open(out_path, os.O_WRONLY)
     try:
         view, position = rows, offset + start * step
