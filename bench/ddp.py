@@ -1,0 +1,142 @@
+"""DDP on the CPU: what several processes cost against threads, and how long they take
+to start. Writes the "DDP on the CPU" section of RESULTS.md (bench/sections.py).
+
+    python bench/ddp.py                 # sample digits, 6 epochs, 3 alternated rounds
+    python bench/ddp.py --smoke         # 2 epochs, 1 round: checks every row is produced
+
+Rows:
+- epoch time of 2 processes x 1 thread (gloo DDP, python -m imgpipe.distributed) over
+  1 process x 2 threads, same data, seed and global batch: the price of DDP where
+  threads are the alternative (the median epoch after the first, best round of each);
+- start-up: from `make train NPROC=2` (in a copy of the project) to rank 0's first
+  training step. DDP's construction, a collective, comes before it on both ranks, so the
+  other rank is there too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sections import write_section
+
+from imgpipe.cpus import available_cpus
+from imgpipe.data import export_sample_digits, process_dataset
+from imgpipe.testing import REPO, copy_project, make, project_env, run_outputs
+
+TOPIC = "ddp"
+TITLE = "DDP on the CPU"
+
+
+def epoch_seconds(log_dir: Path) -> list[float]:
+    """Each epoch's seconds as rank 0 logged them (fit, evaluation, tracking, checkpoint)."""
+    seconds = []
+    for path in sorted(log_dir.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            message = json.loads(line).get("message", "")
+            if message.startswith("epoch ") and message.endswith("s)"):
+                seconds.append(float(message.rsplit("(", 1)[1].rstrip("s)")))
+    return seconds
+
+
+def one_run(work: Path, data: Path, name: str, procs: int, epochs: int) -> float:
+    """The median epoch after the first of one training: ``procs`` processes x
+    (cores / procs) threads."""
+    root = work / name
+    overrides = [
+        f"data_dir_path={data}",
+        f"epochs={epochs}",
+        f"mlflow_tracking_uri=sqlite:///{work / 'store.db'}",
+        f"nproc_per_node={procs}",
+        *(f"{k}={v}" for k, v in run_outputs(root).items()),
+    ]
+    script = str(REPO / "src" / "train_model.py")
+    if procs == 1:
+        cmd = [sys.executable, "-u", script, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "imgpipe.distributed", "--standalone"]
+        cmd += [f"--nproc-per-node={procs}", script, *overrides]
+    threads = max(1, available_cpus() // procs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return statistics.median(epoch_seconds(root / "logs")[1:])
+
+
+def startup(work: Path) -> float:
+    """Seconds from `make train NPROC=2` to rank 0's first training step."""
+    project = copy_project(work / "project")
+    for target in ("data", "process-data"):
+        if make(target, project).returncode != 0:
+            raise SystemExit(f"error: make {target} failed in {project}")
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "train", "NPROC=2", "ARGS=epochs=1"],
+        cwd=project,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    first = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if first is None and "first training step" in line:
+            first = time.perf_counter() - started
+    if proc.wait() != 0 or first is None:
+        raise SystemExit("error: make train NPROC=2 failed or never reached its first step")
+    return first
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated runs of each")
+    parser.add_argument("--smoke", action="store_true", help="2 epochs, 1 round, no section")
+    args = parser.parse_args(argv)
+    epochs, rounds = (2, 1) if args.smoke else (args.epochs, args.rounds)
+    with tempfile.TemporaryDirectory(prefix="imgpipe-bench-ddp-") as tmp:
+        work = Path(tmp)
+        export_sample_digits(work / "raw")
+        data = work / "processed"
+        process_dataset(work / "raw", data)
+        threads, ddp = [], []
+        for i in range(rounds):  # alternated: a shared machine drifts between runs
+            threads.append(one_run(work, data, f"threads-{i}", 1, epochs))
+            ddp.append(one_run(work, data, f"ddp-{i}", 2, epochs))
+        start_s = startup(work)
+    ratio = min(ddp) / min(threads)
+    cpus = available_cpus()
+    load = os.getloadavg()[0]  # threads that wait on each other suffer most on a busy machine
+    rows = [
+        ("epoch, 1 process x 2 threads", f"{min(threads):.2f} s", "", "measured"),
+        ("epoch, 2 processes x 1 thread (gloo DDP)", f"{min(ddp):.2f} s", "", "measured"),
+        ("DDP / threads epoch time", f"{ratio:.2f}x", "", "measured"),
+        ("`make train NPROC=2` to the first step", f"{start_s:.1f} s", "", "measured"),
+    ]
+    for row in rows:
+        print(" | ".join(row))
+    if not args.smoke:
+        intro = (
+            f"Sample digits (1293 train images), global batch 64, {epochs} epochs, {cpus} "
+            f"CPUs, best of {rounds} alternated rounds (median epoch after the first), load "
+            f"average {load:.1f} at the end. "
+            "Rows with no target are reported, not judged; with one thread each the "
+            "processes cannot share a core's idle time, and every batch pays an all-reduce."
+        )
+        data_out = {"threads_s": threads, "ddp_s": ddp, "startup_s": start_s, "cpus": cpus}
+        data_out["load_average"] = load
+        write_section(TOPIC, TITLE, intro, rows, data_out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
