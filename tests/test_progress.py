@@ -5,6 +5,7 @@ far); under CI=true or into a pipe nothing but the log lines, which are there ei
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import pty
 import re
@@ -183,3 +184,24 @@ def test_a_bad_switch_is_one_error_naming_it(monkeypatch: pytest.MonkeyPatch) ->
         PipelineError, match=r"^IMGPIPE_PROGRESS='sometimes': expected auto, on or off$"
     ):
         progress.enabled()
+
+
+def test_a_sweep_worker_draws_no_bar_and_clears_the_main_bar_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With several workers only the main process draws; a worker's log line on the same
+    terminal first clears the bar's line rather than starting at its end."""
+    for var in ("CI", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("IMGPIPE_PROGRESS", "auto")  # restored after the test
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        root = logging.getLogger()
+        monkeypatch.setattr(root, "handlers", [logging.StreamHandler(terminal)])
+        progress.hide_in_this_process()
+        assert not progress.enabled(terminal)
+        logging.getLogger("imgpipe.sweep").warning("trial 3 failed: diverged")
+        terminal.flush()
+        assert os.read(master, 4096) == b"\r\x1b[Ktrial 3 failed: diverged\r\n"
+    os.close(master)

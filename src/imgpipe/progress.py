@@ -47,8 +47,14 @@ def enabled(stream: IO[str] | None = None) -> bool:
 
 def hide_in_this_process() -> None:
     """No bars from this process (nor its children): a sweep's worker processes, whose
-    bars would overwrite each other's and the main process's line."""
+    bars would overwrite each other's and the main process's line. When the main process
+    draws on this terminal, this one's console lines first clear the bar's line (the main
+    process draws it again below them) instead of starting at its end."""
+    shared = enabled()
     os.environ[PROGRESS_ENV] = "off"
+    if shared:
+        root = logging.getLogger()
+        root.handlers = [_clearing(h) if _is_console(h) else h for h in root.handlers]
 
 
 def bar(show: bool = True, **kwargs: Any):
@@ -73,6 +79,17 @@ class _AboveBars(logging.StreamHandler):
             self.handleError(record)
 
 
+class _ClearingLine(logging.StreamHandler):
+    """Console lines that start by clearing what is on the terminal's current line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\r\x1b[K" + super().format(record)
+
+
+def _clearing(handler: logging.StreamHandler) -> logging.StreamHandler:
+    return _copy_settings(handler, _ClearingLine(handler.stream))
+
+
 @contextlib.contextmanager
 def logging_beside(active: bool) -> Iterator[None]:
     """While a bar is drawn, console log lines go above it instead of through the middle
@@ -93,11 +110,14 @@ def _is_console(handler: logging.Handler) -> bool:
 
 
 def _above_bars(handler: logging.StreamHandler) -> _AboveBars:
-    above = _AboveBars(handler.stream)
-    above.setLevel(handler.level)
-    above.setFormatter(handler.formatter)
-    above.filters = list(handler.filters)
-    return above
+    return _copy_settings(handler, _AboveBars(handler.stream))
+
+
+def _copy_settings(old: logging.Handler, new: logging.Handler):
+    new.setLevel(old.level)
+    new.setFormatter(old.formatter)
+    new.filters = list(old.filters)
+    return new
 
 
 class EpochBar:
