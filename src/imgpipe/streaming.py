@@ -151,7 +151,7 @@ def open_splits(
 
 
 def _mb(n: int) -> str:
-    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 1024:.0f} kB"
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n / 1024:.0f} kB"
 
 
 # --------------------------------------------------------------------------- the streaming split
