@@ -56,6 +56,17 @@ def seed_everything(seed: int) -> torch.Generator:
 FLOAT_CACHE_BYTES = 1 << 30
 
 
+def normalisation(
+    mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (scale, shift), shape (1, C, 1, 1), of ``x * scale - shift`` on uint8
+    pixels: one definition for every data path, so their batches are bit-identical."""
+    shape = (1, len(mean), 1, 1)
+    scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape)
+    shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape)
+    return scale, shift
+
+
 class TensorSplit:
     """One split held in memory as tensors, never decoded per item per epoch."""
 
@@ -72,9 +83,7 @@ class TensorSplit:
         pixels = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
         self.device = device
-        shape = (1, len(mean), 1, 1)
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape)
+        self.scale, self.shift = normalisation(mean, std)
         self.normalised = pixels.numel() * 4 <= FLOAT_CACHE_BYTES
         self.images = self._normalise(pixels) if self.normalised else pixels
         if device.type == "cuda":

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from imgpipe.data.processed import ProcessedData, Split
-from imgpipe.engine import FLOAT_CACHE_BYTES, TensorSplit
+from imgpipe.engine import FLOAT_CACHE_BYTES, TensorSplit, normalisation
 from imgpipe.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -179,10 +179,8 @@ class StreamingSplit:
         # preadv reads straight into the batch's buffer; without it (or without a file:
         # an array in memory) rows are copied out of the array itself.
         self._fd = os.open(self._path, os.O_RDONLY) if self._path and _HAS_PREADV else None
-        shape = (1, len(mean), 1, 1)
         # Exactly TensorSplit's constants and arithmetic (see _normalise).
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(shape)
-        self.shift = (torch.tensor(mean, dtype=torch.float32) / torch.tensor(std)).view(shape)
+        self.scale, self.shift = normalisation(mean, std)
         self.pin = device.type == "cuda"
         self.on_cpu = device.type == "cpu"
         self._scale_hwc = self.scale.reshape(-1).numpy().copy()  # per channel, last axis
