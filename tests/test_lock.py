@@ -104,9 +104,10 @@ def test_lock_is_the_whole_environment_and_nothing_machine_specific() -> None:
     for name in ("sqlalchemy", "alembic", "numpy", "pandas", "flask", "setuptools"):
         assert name in pins, name
     assert "pip" not in pins
-    # torch without its local label: PIP_FIND_LINKS's CPU wheel (2.13.0+cpu) satisfies it
-    # here, a CUDA or ROCm build of the same version in the GPU image.
-    assert pins["torch"] == Version("2.13.0") and not pins["torch"].local
+    # torch and torchvision without their local labels: any build of those versions (CPU,
+    # CUDA, ROCm) satisfies the lock, and the two are pinned as a pair that works together.
+    assert pins["torch"] == Version("2.14.1") and not pins["torch"].local
+    assert pins["torchvision"] == Version("0.29.1") and not pins["torchvision"].local
     assert not [v for v in pins.values() if v.local]
     # Constraints files take no options, extras or hashes; no index or path of this machine.
     assert not re.search(r"^\s*-", text, re.MULTILINE)
