@@ -61,7 +61,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
 .PHONY: help setup lock data params run process-data train sweep build push mlflow-server mlflow-ui \
-	mlflow-sync promote plots dashboard readme-images test bench lint params-check format clean
+	mlflow-sync promote plots dashboard readme-images test bench docs lint params-check format clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -157,6 +157,10 @@ test: data ## Run the test suite (slow end-to-end tests included)
 
 bench: $(SETUP) ## Benchmark against baselines and hardware limits -> bench/RESULTS.md (BENCH_ARGS=...)
 	$(PY) -u bench/run.py $(BENCH_ARGS)
+
+# --strict: a broken link or a missing include fails the build. Nothing is fetched (mkdocs.yml).
+docs: $(SETUP) ## The documentation site (MkDocs Material) -> site/, offline, --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(SETUP) ## Every pre-commit hook on every file: ruff, yaml, hadolint, actionlint, params.yaml in sync
 	$(BIN)/pre-commit run --all-files --show-diff-on-failure
