@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imgpipe.distributed.collectives import all_gather, all_sum, shard_range
+from imgpipe.distributed.group import Group
 from imgpipe.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -189,16 +191,8 @@ def train_one_epoch(
             if on_progress is not None:
                 on_progress(step, (n + batch_size - 1) // batch_size, value)
     if world > 1:
-        total_loss, correct = _summed_over_ranks(total_loss, correct)
+        total_loss, correct = all_sum(Group(rank=rank, world=world), total_loss, correct)
     return EpochResult(loss=total_loss.item() / n, accuracy=correct.item() / n)
-
-
-def _summed_over_ranks(*values: torch.Tensor) -> list[torch.Tensor]:
-    import torch.distributed as dist
-
-    for value in values:
-        dist.all_reduce(value)
-    return list(values)
 
 
 @torch.no_grad()
@@ -217,7 +211,9 @@ def evaluate(
     total_loss = torch.zeros((), device=data.device)
     predictions = [torch.zeros(0, dtype=torch.long, device=data.device)]
     n = len(data)
-    lo, hi = n * rank // world, n * (rank + 1) // world
+    group = Group(rank=rank, world=world)
+    share = shard_range(n, group)
+    lo, hi = share.start, share.stop
     shares = (slice(start, min(start + batch_size, hi)) for start in range(lo, hi, batch_size))
     for x, y in data.batches(shares):
         with autocast(data.device, bf16):
@@ -228,10 +224,6 @@ def evaluate(
     hits = predicted == data.labels[lo:hi].cpu()
     if world == 1:
         return EpochResult(total_loss.item() / n, hits.float().mean().item()), predicted
-    import torch.distributed as dist
-
-    total_loss, correct = _summed_over_ranks(total_loss, hits.sum().to(total_loss.device))
-    shares_of_all: list[torch.Tensor | None] = [None] * world
-    dist.all_gather_object(shares_of_all, predicted)
-    predicted = torch.cat([p for p in shares_of_all if p is not None])
+    total_loss, correct = all_sum(group, total_loss, hits.sum().to(total_loss.device))
+    predicted = torch.cat(all_gather(group, predicted))
     return EpochResult(total_loss.item() / n, correct.item() / n), predicted

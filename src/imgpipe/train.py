@@ -35,7 +35,14 @@ from imgpipe.errors import PipelineError
 from imgpipe.model import MODEL_NAME, Trainable, build_trainable
 from imgpipe.redact import redact_url
 from imgpipe.streaming import open_splits
-from imgpipe.tracking import RunSpec, Tracker, check_tracking_uri, resolve_tracking_uri, run_tags
+from imgpipe.tracking import (
+    RunSpec,
+    SilentTracker,
+    Tracker,
+    check_tracking_uri,
+    resolve_tracking_uri,
+    run_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +163,7 @@ def _train(
     tracker = (
         Tracker(cfg.live_dir_path, spec, images=cfg.live_images)
         if group.main
-        else distributed.SilentTracker()
+        else SilentTracker()
     )
     with tracker:
         if resumed:

@@ -5,7 +5,8 @@ The pieces, each a room of its own:
 - ``mlflow_run``: one MLflow run's life (``RunSpec`` says what the run is);
 - ``live``: dvclive's metrics and plots;
 - ``cost``: what tracking costs the run, as it counts it;
-- ``parent``: a sweep's parent run.
+- ``parent``: a sweep's parent run;
+- ``silent``: what ranks other than 0 of a group track into (nothing).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from imgpipe.stop import Stopped
 from imgpipe.tracking.cost import CostMeter, metered
 from imgpipe.tracking.live import LiveLog
 from imgpipe.tracking.mlflow_run import MlflowRun, RunSpec
+from imgpipe.tracking.silent import SilentTracker
 from imgpipe.tracking.store import (
     HPTUNING_TAG_ENV,
     check_tracking_uri,
@@ -31,6 +33,7 @@ from imgpipe.tracking.store import (
 __all__ = [
     "HPTUNING_TAG_ENV",
     "RunSpec",
+    "SilentTracker",
     "Tracker",
     "check_tracking_uri",
     "ensure_experiment",
