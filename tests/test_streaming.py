@@ -16,9 +16,10 @@ import torch
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.data import ProcessedData, Split, load_processed
-from imgpipe.engine import TensorSplit, evaluate, seed_everything, train_one_epoch
+from imgpipe.engine import TensorSplit, evaluate, train_one_epoch
 from imgpipe.errors import PipelineError
 from imgpipe.model import build_trainable
+from imgpipe.rng import seed_everything
 from imgpipe.streaming import StreamingSplit, open_splits
 from imgpipe.testing import run_outputs, train_config
 from imgpipe.train import train

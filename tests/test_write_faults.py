@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import IN_CI, error_lines, run_script
-from imgpipe import checkpoint
+from imgpipe import checkpoint, runlock
 from imgpipe.data.processed import load_processed
 from imgpipe.errors import PipelineError
 from imgpipe.testing import entry_point, run_outputs
@@ -171,7 +171,7 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120)
 
 
 def holds_lock(models: Path, pid: int) -> bool:
-    lock = models / checkpoint.LOCK_FILE
+    lock = models / runlock.LOCK_FILE
     return lock.is_file() and f"pid {pid}" in lock.read_text()
 
 
@@ -209,7 +209,7 @@ def test_a_second_training_on_a_held_folder_stops_naming_the_holder(
         first.wait()
     found = checkpoint.load_latest(models)
     assert found is not None and found[0].epoch == 2
-    assert not (models / checkpoint.LOCK_FILE).exists()  # released
+    assert not (models / runlock.LOCK_FILE).exists()  # released
 
 
 @pytest.mark.slow
@@ -247,7 +247,7 @@ def test_a_lock_left_by_a_killed_training_does_not_block_the_next(
 def test_the_lock_is_refused_while_held_and_free_after(tmp_path: Path) -> None:
     # A second holder inside the same process is refused too (flock is per open file).
     refused = pytest.raises(PipelineError, match=f"pid {os.getpid()}")
-    with checkpoint.lock(tmp_path), refused, checkpoint.lock(tmp_path):
+    with runlock.lock(tmp_path), refused, runlock.lock(tmp_path):
         pass
-    with checkpoint.lock(tmp_path):
+    with runlock.lock(tmp_path):
         pass

@@ -8,40 +8,41 @@ A checkpoint describes itself (as nanoGPT's does): weights, optimizer, scheduler
 every RNG, the epoch history, the MLflow run it belongs to, the config it was
 trained with, and the *fingerprint* of what shapes the model (architecture, input
 shape, classes, normalisation), so it is never loaded into a model it does not fit.
+
+Every file here is written and read through ``imgpipe.torchfile``: atomic, sealed with a
+SHA-256 of its content and checked on load. A damaged newest checkpoint falls back to the
+previous one with one warning; with none intact, resume stops with one line. The lock
+that keeps one live writer per folder is ``imgpipe.runlock``; RNG capture and seeding
+are ``imgpipe.rng``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import random
-import socket
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-import numpy as np
 import torch
 
-from imgpipe.atomic import atomic_file, write_error
+from imgpipe import torchfile
+from imgpipe.atomic import atomic_file
 from imgpipe.errors import PipelineError
 from imgpipe.model import Trainable
+from imgpipe.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_FILE = "checkpoint.prev.pt"
 MODEL_FILE = "model.pt"
-# Held while a training lives; .dvcignore keeps it out of the folder's DVC output.
-LOCK_FILE = ".imgpipe.lock"
-FORMAT = 2
+# 3: sealed with torchfile's content digest (2: the same without it, loaded unverified).
+FORMAT = 3
 
 
 def fingerprint(
@@ -178,7 +179,7 @@ class TrainingState:
                 previous.unlink(missing_ok=True)
 
         with atomic_file(current, "wb", before_replace=rotate) as fh:
-            torch_save(self.to_dict(), fh)
+            torchfile.write(self.to_dict(), fh)
         return current
 
 
@@ -198,44 +199,6 @@ REQUIRED_KEYS = frozenset(
 )
 
 
-def save_atomic(obj: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """torch.save through a temp file + fsync + rename: a crash never leaves half a file."""
-    target = Path(path)
-    with atomic_file(target, "wb") as fh:
-        torch_save(obj, fh)
-    return target
-
-
-class _KeepWriteError:
-    """A file whose failed write is remembered: torch's zip writer replaces the OSError
-    (errno 28 on a full disk) by ``RuntimeError: [enforce fail at inline_container.cc]``."""
-
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh, self.error = fh, None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.fh.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-def torch_save(obj: Any, fh: BinaryIO) -> None:
-    """torch.save into ``fh``; a failed write raises its own OSError, which ``atomic_file``
-    reports as one line, while any other RuntimeError of torch's stays what it is."""
-    sink = _KeepWriteError(fh)
-    try:
-        torch.save(obj, sink)
-    except RuntimeError as exc:
-        if sink.error is None:
-            raise
-        raise sink.error from exc
-
-
 def save_model(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
@@ -247,8 +210,9 @@ def save_model(
     std: tuple[float, ...],
 ) -> Path:
     """model.pt: the weights and everything needed to use them, nothing to resume."""
-    return save_atomic(
+    return torchfile.save(
         {
+            "format": FORMAT,
             "model_name": model_name,
             "state_dict": model.state_dict(),
             "classes": classes,
@@ -261,8 +225,9 @@ def save_model(
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load with ``weights_only=True``: a checkpoint can never run code on load."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint or model.pt as a dict: ``weights_only`` (never runs code) and checked
+    against its digest; ``torchfile.DamagedFile`` (one line naming the file) otherwise."""
+    return torchfile.load(path, what="model" if Path(path).name == MODEL_FILE else "checkpoint")
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> None:
@@ -272,140 +237,36 @@ def remove_stale_temps(directory: str | os.PathLike[str]) -> None:
             stale.unlink()
 
 
-@contextlib.contextmanager
-def lock(directory: str | os.PathLike[str]) -> Iterator[None]:
-    """One live training per checkpoint folder, for as long as the block runs.
-
-    An exclusive ``flock`` on ``LOCK_FILE``: the kernel drops it when its holder ends
-    in any way (SIGKILL included), so a dead run never blocks the next one, and a
-    second run while the holder lives stops with one line naming its host and pid
-    (written into the file for that message). The holder removes the file, and the
-    folders it made for it, when the block ends; a killed holder's file stays, is
-    ignored by DVC (.dvcignore) and taken over. On NFS the server's lock manager
-    decides, and a lock of a client that vanished is freed when its lease ends.
-    """
-    root = Path(directory)
-    path = root / LOCK_FILE
-    made = [d for d in (root, *root.parents) if not d.exists()]
-    fd = _take(path)
-    try:
-        # Only the message needs this: the lock holds even if a full disk refuses it.
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        with contextlib.suppress(OSError):  # removed while held: see _take
-            path.unlink()
-            for folder in made:  # a run that stopped before any work leaves no folder
-                folder.rmdir()
-        os.close(fd)  # releases the lock
-
-
-def _take(path: Path) -> int:
-    """The locked, open lock file; PipelineError naming the holder when it is held."""
-    while True:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise write_error(path, exc) from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise PipelineError(
-                f"{path.parent} is in use by another training ({holder}); "
-                "wait for it to end or stop it"
-            ) from None
-        except OSError as exc:  # e.g. ENOLCK: an NFS mount without a lock manager
-            os.close(fd)
-            raise PipelineError(f"cannot lock {path}: {exc.strerror}") from exc
-        # The holder before may have removed the file between our open and our lock:
-        # then this lock is on a file nobody else can see, and the name is taken anew.
-        with contextlib.suppress(FileNotFoundError):
-            named, opened = os.stat(path), os.fstat(fd)
-            if (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino):
-                return fd
-        os.close(fd)
-
-
-def _holder(fd: int) -> str:
-    """Who holds the lock, as it wrote itself into the file (give it a moment to)."""
-    for _ in range(20):
-        text = os.pread(fd, 200, 0).decode(errors="replace").strip()
-        if text:
-            return text
-        time.sleep(0.05)
-    return "host and pid not recorded"
-
-
 def load_latest(directory: str | os.PathLike[str]) -> tuple[TrainingState, Path] | None:
-    """The newest checkpoint that loads, falling back to the previous one with a warning.
+    """The newest intact checkpoint, falling back to the previous one with one warning.
 
-    Returns None when there is no checkpoint at all; raises when there are
-    checkpoints but none is readable (never a silent restart from zero).
+    Returns None when there is no checkpoint at all; raises one line when there are
+    checkpoints but none is intact (never a silent restart from zero, never a resume
+    from weights that changed on disk).
     """
     root = Path(directory)
     candidates = [p for p in (root / CHECKPOINT_FILE, root / PREVIOUS_FILE) if p.is_file()]
-    problems = []
+    problems: list[str] = []
     for path in candidates:
         try:
             state = TrainingState.from_dict(load(path))
-        except Exception as exc:  # a damaged file raises anything from EOFError to RuntimeError
-            problems.append(f"{path.name}: {type(exc).__name__}")
-            log.warning(
-                "checkpoint %s is unreadable (%s: %s); trying the previous one",
-                path,
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
-            )
+        except (PipelineError, ValueError, KeyError, TypeError) as exc:
+            # DamagedFile already names the file; from_dict's ValueError names the key.
+            reason = str(exc).removeprefix(f"{path}: ")
+            problems.append(f"{path.name}: {reason}")
             continue
         if problems:
-            log.warning("resuming from the previous checkpoint %s (epoch %d)", path, state.epoch)
+            log.warning(
+                "checkpoint %s is unreadable or damaged (%s); resuming from the previous "
+                "checkpoint %s (epoch %d)",
+                root / CHECKPOINT_FILE,
+                problems[0].split(": ", 1)[1],
+                path,
+                state.epoch,
+            )
         return state, path
     if candidates:
         raise PipelineError(
             f"no readable checkpoint in {root} ({'; '.join(problems)}); set resume=false to start fresh"
         )
     return None
-
-
-def capture_rng(generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG that training touches, in types ``weights_only`` loading accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "loader": generator.get_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["loader"])
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (
-            npy["kind"],
-            npy["keys"].numpy().astype(np.uint32),
-            npy["pos"],
-            npy["has_gauss"],
-            npy["cached"],
-        )
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

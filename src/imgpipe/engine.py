@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -42,14 +41,6 @@ def pick_device(device: str, no_cuda: bool = False, no_mps: bool = False) -> tor
     if not no_mps and _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed every RNG; return the generator that orders the training batches."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 # Below this size a split is normalised once and kept as float32: batches are then

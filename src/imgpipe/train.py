@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from imgpipe import checkpoint, distributed, progress, stop
+from imgpipe import checkpoint, distributed, progress, runlock, stop
 from imgpipe.checkpoint import TrainingState
 from imgpipe.config import TRAJECTORY, TrainConfig, result_keys
 from imgpipe.data.processed import ProcessedData, load_processed
@@ -28,12 +28,12 @@ from imgpipe.engine import (
     TensorSplit,
     evaluate,
     pick_device,
-    seed_everything,
     train_one_epoch,
 )
 from imgpipe.errors import PipelineError
 from imgpipe.model import MODEL_NAME, Trainable, build_trainable
 from imgpipe.redact import redact_url
+from imgpipe.rng import seed_everything
 from imgpipe.streaming import open_splits
 from imgpipe.tracking import (
     RunSpec,
@@ -116,7 +116,7 @@ def train(
     # One live training per checkpoint folder: a second one stops here, naming the holder
     # (rank 0 holds it for its group).
     ckpt = cfg.model_checkpoint_dir_path
-    held = checkpoint.lock(ckpt) if group.main else contextlib.nullcontext()
+    held = runlock.lock(ckpt) if group.main else contextlib.nullcontext()
     with distributed.session(group), held:
         return _train(cfg, parent_run_id, tags, group)
 
