@@ -156,7 +156,7 @@ test: data ## Run the test suite (slow end-to-end tests included)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(SETUP) ## Benchmark against baselines and hardware limits -> bench/RESULTS.md (BENCH_ARGS=...)
-	$(PY) -u bench/run.py $(BENCH_ARGS)
+	$(PY) -u -m bench $(BENCH_ARGS)
 
 # --strict: a broken link or a missing include fails the build. Nothing is fetched (mkdocs.yml).
 docs: $(SETUP) ## The documentation site (MkDocs Material) -> site/, offline, --strict

@@ -1,8 +1,8 @@
 """DDP on the CPU: what several processes cost against threads, and how long they take
 to start. Writes the "DDP on the CPU" section of RESULTS.md (bench/sections.py).
 
-    python bench/ddp.py                 # sample digits, 6 epochs, 3 alternated rounds
-    python bench/ddp.py --smoke         # 2 epochs, 1 round: checks every row is produced
+    python -m bench ddp                 # sample digits, 6 epochs, 3 alternated rounds
+    python -m bench ddp --smoke         # 2 epochs, 1 round: checks every row is produced
 
 Rows:
 - epoch time of 2 processes x 1 thread (gloo DDP, python -m imgpipe.distributed) over
@@ -25,8 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sections import write_section
-
+from bench.sections import write_section
 from imgpipe.cpus import available_cpus
 from imgpipe.data import export_sample_digits, process_dataset
 from imgpipe.testing import REPO, copy_project, make, project_env, run_outputs

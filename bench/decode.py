@@ -1,8 +1,8 @@
 """Decoding benchmark: the decoders' tight loops, and process_data against them.
 
 Usage (from the project root):
-    python bench/decode.py            # 30,000 28x28 grey PNGs, 5,000 128x128 RGB JPEGs
-    python bench/decode.py --smoke    # tiny sizes, every row, seconds; writes no RESULTS.md
+    python -m bench decode            # 30,000 28x28 grey PNGs, 5,000 128x128 RGB JPEGs
+    python -m bench decode --smoke    # tiny sizes, every row, seconds; writes no RESULTS.md
 
 For each kind of image, in one run on the same files:
 - each decoder's tight loop on one core (read the file, decode, nothing else): Pillow's
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,15 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-import baselines  # noqa: E402
-import sections  # noqa: E402
-from run import generate  # noqa: E402
-
-from imgpipe.cpus import available_cpus  # noqa: E402
-from imgpipe.data import process_dataset  # noqa: E402
+from bench import baselines, sections
+from bench.dataset import generate
+from bench.sections import BENCH
+from imgpipe.cpus import available_cpus
+from imgpipe.data import process_dataset
 
 TOPIC = "decoding"
 PROCESS_VS_LIMIT = 0.85
@@ -304,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{measure_:<{width}}  {value:<72}  {target:<8}  {state}")
         print(f"decode bench took {results['seconds']:.0f}s")
         intro = (
-            f"`python bench/decode.py` ({results['seconds']:.0f} s, {cpus} cores): tight loops read "
+            f"`python -m bench decode` ({results['seconds']:.0f} s, {cpus} cores): tight loops read "
             "and decode each file on one core; the decode limit is the fastest decoder's loop on "
             "every core; process_data runs with the fast decoders and with Pillow alone, best of "
             f'{args.repeats}, alternating. Notes: bench/NOTES.md, "Decoding".'

@@ -1,8 +1,8 @@
 """Everything a GPU changes, measured in one go (under 8 minutes on one CUDA machine).
 Writes the "GPU" section of RESULTS.md (bench/sections.py) and bench/results/gpu.json.
 
-    python bench/gpu.py             # on a CUDA machine
-    python bench/gpu.py --smoke     # the same steps on the CPU, tiny: checks the script runs
+    python -m bench gpu             # on a CUDA machine
+    python -m bench gpu --smoke     # the same steps on the CPU, tiny: checks the script runs
 
 Without a CUDA device it prints one line saying so, leaves any measured GPU rows as they
 are (or writes the section saying they were not measured yet) and exits 1.
@@ -32,10 +32,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import run as main_bench  # bench/run.py: data generation and the training rows
-from sections import RESULTS_MD, sections, write_section
-
-from imgpipe.data import process_dataset
+from bench.dataset import generate
+from bench.measure import TRAIN_RESULT_AS_JSON
+from bench.runs import bench_training
+from bench.sections import RESULTS_MD, sections, write_section
+from imgpipe.data import load_processed, process_dataset
 from imgpipe.testing import REPO, copy_project, make, run_outputs, train_config
 
 TOPIC = "gpu"
@@ -82,7 +83,7 @@ def ddp_run(work: Path, data: Path, procs: int, epochs: int, device: str) -> flo
     ]
     runner = [
         "-c",
-        main_bench.TRAIN_RESULT_AS_JSON,
+        TRAIN_RESULT_AS_JSON,
         str(result),
         str(REPO / "src" / "train_model.py"),
     ]
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-gpu-") as tmp:
         work = Path(tmp)
-        main_bench.generate(work / "raw", images, 28, os.cpu_count() or 1)
+        generate(work / "raw", images, 28, os.cpu_count() or 1)
         data = work / "processed"
         process_dataset(work / "raw", data)
         from imgpipe.train import train
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 live_images=False, **changes,
             )  # fmt: skip
             result = train(cfg)
-            n = len(main_bench.load_processed(data).train.labels)
+            n = len(load_processed(data).train.labels)
             return images_per_s(result, n, epochs)
 
         on_device = stage("on-device")
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         status = "measured" if swept.returncode == 0 else "failed"
         rows.append((f"sweep, {workers} worker(s) one per GPU", f"{sweep_s:.0f} s", "", status))
 
-        training = main_bench.bench_training(work, work / "raw", data, epochs, 64, 1)
+        training = bench_training(work, work / "raw", data, epochs, 64, 1)
         over_items = training["real_sps"] / training["per_item_sps"]
         rows.append(("real stage / bare loop", f"{training['real_sps'] / training['bare_sps']:.2f}x", "", "measured"))  # fmt: skip
         rows.append(("real stage / per-item PNG loading", f"{over_items:.1f}x", ">= 3x",

@@ -2,7 +2,7 @@
 
 Each topic script measures on its own schedule (the GPU rows only on a CUDA machine,
 the large streaming runs only when asked) and owns one section of RESULTS.md between
-two markers, so rewriting one section, or the main table (bench/run.py), keeps the
+two markers, so rewriting one section, or the main table (bench/pipeline.py), keeps the
 others. Its raw numbers go to bench/results/<topic>.json (not committed).
 """
 

@@ -2,9 +2,9 @@
 twice the budget. Writes its section of RESULTS.md (bench/sections.py).
 
 Usage (from the project root):
-    python bench/streaming.py              # default: minutes on 2 cores
-    python bench/streaming.py --large      # also 1,000,000 28x28 and 100,000 64x64 RGB images
-    python bench/streaming.py --real-model # the memory runs through train() and the real CNN
+    python -m bench streaming              # default: minutes on 2 cores
+    python -m bench streaming --large      # also 1,000,000 28x28 and 100,000 64x64 RGB images
+    python -m bench streaming --real-model # the memory runs through train() and the real CNN
                                            # (hours on a CPU at --large; minutes on a GPU)
 
 Rows:
@@ -31,12 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import sections
-from run import REPO, TRAIN_RESULT_AS_JSON, peak_rss
-
+from bench import sections
+from bench.measure import TRAIN_RESULT_AS_JSON, peak_rss
 from imgpipe.data import processed
+from imgpipe.testing import REPO
 
 TOPIC = "streaming"
 MARGIN_MB = 400  # the interpreter, torch, the model and the optimizer: no data
@@ -254,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "Splits over `memory_budget_mb` are read from their files by a background reader "
         "(`imgpipe.streaming`); both paths give the same model bit for bit. PSS of one "
         f"fresh process; the margin ({MARGIN_MB} MB) is the interpreter, torch and the model. "
-        f"Run: `python bench/streaming.py` ({data['seconds']:.0f} s here; `--large` adds "
+        f"Run: `python -m bench streaming` ({data['seconds']:.0f} s here; `--large` adds "
         "1,000,000 28x28 and 100,000 64x64 RGB images)."
     )
     sections.write_section(TOPIC, "Streaming training", intro, rows, data)

@@ -3,26 +3,60 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-
-pytestmark = pytest.mark.slow
+from imgpipe.testing import REPO
 
 
-def test_bench_smoke_produces_every_row(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
-        cwd=tmp_path,
+def run_bench(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """`python -m bench ARGS` as `make bench` runs it, from another folder (nothing lands there)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         check=False,
     )
+
+
+def test_every_bench_module_with_a_main_is_a_listed_section(tmp_path: Path) -> None:
+    runnable = {
+        p.stem
+        for p in (REPO / "bench").glob("*.py")
+        if not p.stem.startswith("_") and re.search(r"^def main\(", p.read_text(), re.M)
+    }
+    listed = run_bench("--list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert {line.split()[0] for line in listed.stdout.splitlines()} == runnable
+    unknown = run_bench("nope", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("error: unknown benchmark section 'nope'"), unknown.stderr
+
+
+def test_results_md_holds_tables_and_notes_md_the_reasoning_once() -> None:
+    results = (REPO / "bench" / "RESULTS.md").read_text()
+    notes = (REPO / "bench" / "NOTES.md").read_text()
+    paragraphs = [p.strip() for p in notes.split("\n\n") if len(p.strip()) > 200]
+    assert paragraphs
+    pasted = [p[:60] for p in paragraphs if p in results]
+    assert not pasted, f"RESULTS.md repeats NOTES.md: {pasted}"
+
+
+@pytest.mark.slow
+def test_bench_smoke_produces_every_row(tmp_path: Path) -> None:
+    result = run_bench("--smoke", "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     measures = [row["measure"] for row in results["rows"]]
@@ -49,15 +83,9 @@ def test_bench_smoke_produces_every_row(tmp_path: Path) -> None:
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
 
 
+@pytest.mark.slow
 def test_decode_bench_smoke_produces_every_row(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "decode.py"), "--smoke", "--out", str(tmp_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = run_bench("decode", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "results" / "decoding.json").read_text())["rows"]
     measures = [row[0] for row in rows]
