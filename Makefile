@@ -99,7 +99,7 @@ data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw ex
 	@if [ -d $(RAW_DIR) ]; then \
 	  echo "$(RAW_DIR) exists: kept as it is"; \
 	else \
-	  $(PY) -m imgpipe.data $(RAW_DIR); \
+	  $(BIN)/imgpipe data sample $(RAW_DIR); \
 	  if [ "$(RAW_DIR)" = data/raw ] && git rev-parse --git-dir >/dev/null 2>&1; then \
 	    $(BIN)/dvc commit -q -f data.dvc; \
 	    if ! git diff --quiet -- data.dvc; then \
@@ -110,7 +110,7 @@ data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw ex
 	fi
 
 params: $(SETUP) ## Regenerate params.yaml from conf/ (conf/ is the source of truth)
-	@$(PY) -m imgpipe.config $(PARAMS)
+	@$(BIN)/imgpipe params write $(PARAMS)
 
 run: data params ## Run the pipeline: process_data -> train -> sweep (dvc repro)
 	$(BIN)/dvc repro
@@ -166,7 +166,7 @@ lint: $(SETUP) ## Every pre-commit hook on every file: ruff, yaml, hadolint, act
 	$(BIN)/pre-commit run --all-files --show-diff-on-failure
 
 params-check: $(SETUP) ## Fail when params.yaml differs from what conf/ composes
-	$(PY) -m imgpipe.config --check $(PARAMS)
+	$(BIN)/imgpipe params check $(PARAMS)
 
 format: $(SETUP) ## Format the code with ruff
 	$(BIN)/ruff check --fix src tests bench
@@ -174,7 +174,7 @@ format: $(SETUP) ## Format the code with ruff
 
 mlflow-server: $(SETUP) ## MLflow server on the project's store, 127.0.0.1:5000 (MLFLOW_HOST, MLFLOW_PORT); in the image when built; the team server with MLFLOW_BACKEND_STORE/MLFLOW_ARTIFACTS
 ifdef TEAM_SERVER
-	MLFLOW_HOST=$(MLFLOW_HOST) MLFLOW_PORT=$(MLFLOW_PORT) MLFLOW_WORKERS=$(MLFLOW_WORKERS) $(PY) -m imgpipe.stack server
+	MLFLOW_HOST=$(MLFLOW_HOST) MLFLOW_PORT=$(MLFLOW_PORT) MLFLOW_WORKERS=$(MLFLOW_WORKERS) $(BIN)/imgpipe stack server
 else
 	@mkdir -p mlruns
 	@$(SERVER_CHECK)
@@ -186,22 +186,22 @@ endif
 mlflow-ui: mlflow-server ## Alias of mlflow-server
 
 mlflow-sync: $(SETUP) ## After a tracking outage: log what the MLflow run of models/ lacks (CHECKPOINT_DIR=models)
-	$(PY) -m imgpipe.tracking.sync $(or $(CHECKPOINT_DIR),models)
+	$(BIN)/imgpipe sync $(or $(CHECKPOINT_DIR),models)
 
 # VERSION is also the project's version (make/containers.mk): only one given on the command line names a model version.
 PROMOTE_VERSION = $(if $(filter command line,$(origin VERSION)),$(VERSION))
 promote: $(SETUP) ## Model registry: move alias champion to RUN=<run id> or VERSION=<n> (NAME= the registered model; default: params.yaml's)
-	IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -m imgpipe.tracking.registry promote \
+	IMGPIPE_PARAMS_FILE=$(PARAMS) $(BIN)/imgpipe promote \
 	  $(if $(RUN),--run '$(RUN)') $(if $(PROMOTE_VERSION),--version '$(PROMOTE_VERSION)') $(if $(NAME),--name '$(NAME)')
 
 plots: $(SETUP) ## dvc plots show through the offline template: dvc_plots/index.html draws with no network
-	$(PY) -m imgpipe.plots page dvc_plots
+	$(BIN)/imgpipe plots page dvc_plots
 
 dashboard: $(SETUP) ## Optuna dashboard over the sweep's study, 127.0.0.1:8080 (DASHBOARD_PORT); ARGS as for make sweep
-	DASHBOARD_PORT=$(DASHBOARD_PORT) IMGPIPE_PARAMS_FILE=$(PARAMS) $(PY) -m imgpipe.dashboard $(ARGS)
+	DASHBOARD_PORT=$(DASHBOARD_PORT) IMGPIPE_PARAMS_FILE=$(PARAMS) $(BIN)/imgpipe dashboard $(ARGS)
 
 readme-images: run ## The README's pictures (curves, confusion matrix, Pareto front) from the pipeline -> docs/images
-	$(PY) -m imgpipe.plots readme docs/images
+	$(BIN)/imgpipe plots readme docs/images
 
 clean: ## Remove caches and logs (keeps data, models, mlruns and .venv)
 	rm -rf logs .pytest_cache .ruff_cache outputs multirun

@@ -1,26 +1,26 @@
 # The team setup (README "Working as a team"): a DVC remote checked before it is used,
 # the team MLflow server, and a local stack of object server + PostgreSQL + MLflow.
-# The logic lives in src/imgpipe/stack.py and src/imgpipe/remote.py; these stay thin.
+# The logic lives behind `imgpipe stack` and `imgpipe remote` (src/imgpipe/commands/team.py); these stay thin.
 REMOTE ?=
-# Any of these makes `make mlflow-server` the team server (python -m imgpipe.stack server):
+# Any of these makes `make mlflow-server` the team server (imgpipe stack server):
 # database store, proxied artifacts, basic auth. Unset: the embedded SQLite store.
 TEAM_SERVER := $(strip $(MLFLOW_BACKEND_STORE)$(MLFLOW_ARTIFACTS)$(MLFLOW_AUTH_ADMIN_PASSWORD))
 
 .PHONY: stack-up stack-down stack-env push-data pull-data
 
 stack-up: $(SETUP) ## Start object server + PostgreSQL database + team MLflow server on 127.0.0.1; prints the env to source
-	@$(PY) -m imgpipe.stack up
+	@$(BIN)/imgpipe stack up
 
 stack-down: $(SETUP) ## Stop what stack-up started (data kept under .stack/)
-	@$(PY) -m imgpipe.stack down
+	@$(BIN)/imgpipe stack down
 
 stack-env: $(SETUP) ## Print the stack's env file again (source .stack/env)
-	@$(PY) -m imgpipe.stack env
+	@$(BIN)/imgpipe stack env
 
 push-data: $(SETUP) ## Check the DVC remote (REMOTE=name, else the default), then dvc push every cached output
-	@$(PY) -m imgpipe.remote check $(REMOTE)
+	@$(BIN)/imgpipe remote check $(REMOTE)
 	$(BIN)/dvc push $(if $(REMOTE),--remote $(REMOTE))
 
 pull-data: $(SETUP) ## Check the DVC remote (REMOTE=name, else the default), then dvc pull
-	@$(PY) -m imgpipe.remote check $(REMOTE)
+	@$(BIN)/imgpipe remote check $(REMOTE)
 	$(BIN)/dvc pull $(if $(REMOTE),--remote $(REMOTE))

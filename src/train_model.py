@@ -6,26 +6,20 @@ Usage (from the project root):
     python -u src/train_model.py mlflow_tracking_uri=http://127.0.0.1:5000 log_dir=./logs
     python -u src/train_model.py resume=true epochs=20      # continue / extend the last run
     python -u src/train_model.py --multirun                  # Optuna sweep (conf/train_model.yaml)
-Config: conf/train_model.yaml. Under DVC: `make train` and `make sweep` (values from
-params.yaml). The sweep is the project's own loop over the config's ``hydra.sweeper``
-block (see imgpipe.sweep), so nothing is returned to Hydra.
+    python -u src/train_model.py --cfg job                   # print the config it would run with
+Config: conf/train_model.yaml (keys: docs/configuration.md). Under DVC: `make train` and
+`make sweep` (values from params.yaml). The sweep is the project's own loop over the
+config's ``hydra.sweeper`` block (see imgpipe.sweep).
 """
 
-import hydra
-from omegaconf import DictConfig
-
-from imgpipe.cli import guarded, run_entry
-from imgpipe.config import TrainConfig, to_schema
-from imgpipe.logs import setup_logging
+from imgpipe.cli import run_stage
+from imgpipe.config import TrainConfig
 
 
-@hydra.main(config_path="../conf", config_name="train_model")
-def main(cfg: DictConfig) -> None:
-    config = guarded(to_schema, TrainConfig, cfg, "conf/train_model.yaml")
-    setup_logging(config.log_dir)
+def main(config: TrainConfig) -> None:
     from imgpipe.train import train  # torch loads only once the config is known good
 
-    guarded(train, config)
+    train(config)
 
 
 def sweep(argv: list[str]) -> None:
@@ -36,4 +30,4 @@ def sweep(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_entry(main, "train_model", TrainConfig, sweep)
+    run_stage("train_model", main, doc=__doc__, sweep=sweep)

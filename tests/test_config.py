@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO, error_lines, run_script
-from imgpipe.config import TrainConfig, _override_value, compose_params
+from imgpipe.config import TrainConfig, compose_params
 from imgpipe.errors import PipelineError
 
 
@@ -24,32 +24,6 @@ def test_params_yaml_is_what_dvc_exp_run_writes(tmp_path: Path) -> None:
     compose_and_dump(out, str(REPO / "conf"), None, "pipeline", str(REPO), ["lr=1.4"])
     assert out.read_text() == compose_params(["lr=1.4"])
     assert yaml.safe_load(out.read_text())["lr"] == 1.4
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        None,
-        True,
-        False,
-        0,
-        -3,
-        1.4,
-        1e-05,
-        "data/processed",
-        "it's",
-        "a b,c",
-        "back\\slash",
-        "end\\",
-        "q\\'q",
-        "x=y",
-    ],
-)
-def test_override_values_parse_back_to_the_same_value(value) -> None:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    (parsed,) = OverridesParser.create().parse_overrides([f"key={_override_value(value)}"])
-    assert parsed.value() == value
 
 
 @pytest.mark.parametrize(

@@ -141,7 +141,7 @@ def test_make_promote_by_version_and_by_run(registry, tmp_path: Path) -> None:
 
 
 def test_register_names_the_version_a_run_already_has(registry, capsys) -> None:
-    from imgpipe.tracking.registry import main
+    from imgpipe.commands import main
 
     client = registry["client"]
     before, runs = aliases(client), version_runs(client)
@@ -161,7 +161,7 @@ def test_register_names_the_version_a_run_already_has(registry, capsys) -> None:
     ],
 )
 def test_bad_input_is_one_line(registry, capsys, args: list[str], line: str) -> None:
-    from imgpipe.tracking.registry import main
+    from imgpipe.commands import main
 
     before = aliases(registry["client"])
     with pytest.raises(SystemExit) as stopped:
@@ -173,7 +173,7 @@ def test_bad_input_is_one_line(registry, capsys, args: list[str], line: str) -> 
 
 
 def test_an_unreachable_server_is_one_line_without_its_password(capsys) -> None:
-    from imgpipe.tracking.registry import main
+    from imgpipe.commands import main
 
     url = f"http://admin:s3cret@127.0.0.1:{free_port()}"
     with pytest.raises(SystemExit) as stopped:
@@ -186,7 +186,7 @@ def test_an_unreachable_server_is_one_line_without_its_password(capsys) -> None:
 
 
 def test_a_missing_local_store_is_one_line_and_stays_missing(tmp_path: Path, capsys) -> None:
-    from imgpipe.tracking.registry import main
+    from imgpipe.commands import main
 
     store = tmp_path / "typo" / "mlflow.db"
     with pytest.raises(SystemExit) as stopped:
@@ -198,7 +198,7 @@ def test_a_missing_local_store_is_one_line_and_stays_missing(tmp_path: Path, cap
 
 
 def test_no_name_configured_is_one_line(tmp_path: Path, capsys) -> None:
-    from imgpipe.tracking.registry import main
+    from imgpipe.commands import main
 
     with pytest.raises(SystemExit) as stopped:
         main(["promote", "--version", "1", "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"])

@@ -195,7 +195,7 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     assert "s3cret" not in out and "Traceback" not in out, out
     (line,) = [x for x in lines if "is incomplete" in x]
     models = tmp_path / "run" / "models"
-    assert f"python -m imgpipe.tracking.sync {models}" in line
+    assert f"imgpipe sync {models}" in line
     assert "MLFLOW_TRACKING_URI" in line  # the URL has a password: the user supplies it
     state, _ = checkpoint.load_latest(models)
     assert state.epoch == EPOCHS and (models / "model.pt").is_file()
@@ -204,7 +204,7 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
 
     server.start()
     run_id = state.run_id
-    sync = [str(VENV / "bin" / "python"), "-m", "imgpipe.tracking.sync", str(models)]
+    sync = [str(VENV / "bin" / "imgpipe"), "sync", str(models)]
     # The password travels in the environment, as the printed line says.
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}
     first = subprocess.run(sync, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -242,7 +242,7 @@ def registered_runs(url: str, name: str) -> list[str]:
 def test_sync_without_a_checkpoint_stops_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     result = subprocess.run(
-        [str(VENV / "bin" / "python"), "-m", "imgpipe.tracking.sync", str(tmp_path / "models")],
+        [str(VENV / "bin" / "imgpipe"), "sync", str(tmp_path / "models")],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,5 +1,12 @@
-"""Shared plumbing for the Hydra entry points: params layering, one-line errors, the stop
-signals (``imgpipe.stop``)."""
+"""The stage entry points' plumbing (src/process_data.py, src/train_model.py): the config
+loaded once (``imgpipe.config.load_stage_config``: conf/ < params.yaml under DVC < the
+command line), one-line errors with exit 2, the stop signals (``imgpipe.stop``) with 143/130.
+
+The entry scripts take Hydra override strings (``lr=1.4``) and three flags: ``--help``,
+``--cfg job`` (print the composed config and stop) and ``--multirun``/``-m`` (the sweep,
+for the stage that has one). The ``imgpipe`` command's subcommands use ``fail``/``stopped``
+too (``imgpipe.commands``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,6 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from imgpipe import distributed
-from imgpipe.config import conf_dir, params_file_overrides, to_schema
 from imgpipe.errors import PipelineError
 from imgpipe.stop import Stopped, install
 
@@ -19,6 +24,8 @@ T = TypeVar("T")
 
 def fail(exc: BaseException) -> NoReturn:
     """Print one ``error:`` line (the console log handler would add a second) and exit 2."""
+    from imgpipe import distributed
+
     logging.getLogger("imgpipe").debug("stopped: %s", exc)
     # One of several processes: the line of the rank that failed first, once.
     kind = "peer" if isinstance(exc, distributed.PeerLost) else "error"
@@ -29,6 +36,8 @@ def fail(exc: BaseException) -> NoReturn:
 
 def stopped(exc: Stopped) -> NoReturn:
     """Print one line saying the run stopped on request and how to go on; exit 128 + signal."""
+    from imgpipe import distributed
+
     line = f"stopped by {exc.signame}{exc.where or ': earlier outputs are intact, run it again'}"
     logging.getLogger("imgpipe").debug(line)
     with contextlib.suppress(OSError):  # the launcher (and its end of the pipe) may be gone
@@ -48,87 +57,62 @@ def guarded(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         stopped(exc)
 
 
-def load_config(config_name: str, schema: type, argv: list[str]) -> Any:
-    """The typed config a stage would run with: conf/ < the params file (IMGPIPE_PARAMS_FILE)
-    < ``argv``, checked; for commands that read the project's settings (the registry's)."""
-    return _check_overrides(config_name, schema, params_file_overrides(schema, argv) + argv)
-
-
-def _check_overrides(config_name: str, schema: type, overrides: list[str]) -> Any:
-    """Compose conf/ with the overrides and check the result before any work starts; the
-    typed config.
-
-    Hydra's own messages span several lines; users get one naming the key.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    source = f"conf/{config_name}.yaml"
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as exc:
-        raise PipelineError(f"bad override: {str(exc).splitlines()[0]}") from exc
-    known = {f for f in schema.__dataclass_fields__}
-    for override in parsed:
-        key = override.key_or_group
-        if override.is_sweep_override():
-            raise PipelineError(f"override '{override.input_line}' is a sweep: add --multirun")
-        if key.startswith("hydra") or override.package or "/" in key:
-            continue
-        if key not in known:
-            raise PipelineError(
-                f"{source}: unknown config key '{key}' (known: {', '.join(sorted(known))})"
-            )
-    try:
-        with initialize_config_dir(str(conf_dir())):
-            cfg = compose(config_name=config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise PipelineError(f"{source}: {str(exc).splitlines()[0]}") from exc
-    return to_schema(schema, cfg, source)
-
-
-def run_entry(
-    hydra_main: Callable[[], Any],
-    config_name: str,
-    schema: type,
-    sweep: Callable[[list[str]], None] | None = None,
+def run_stage(
+    stage: str,
+    run: Callable[[Any], Any],
     *,
+    doc: str | None = None,
+    sweep: Callable[[list[str]], None] | None = None,
     immediate: bool = False,
+    argv: list[str] | None = None,
 ) -> None:
-    """Layer params.yaml (under DVC), validate the overrides, then hand over to Hydra.
+    """An entry script's whole life: load the stage's typed config once from the command
+    line, set up logging in its ``log_dir``, then ``run(config)``.
 
-    ``--multirun`` goes to ``sweep`` (given by the entry point that has one) instead.
+    ``--multirun`` hands the arguments to ``sweep`` instead (the entry point that has one).
     ``immediate``: SIGTERM/SIGINT stop the command wherever it is (its outputs are all
     written atomically), instead of at the next batch boundary (see ``imgpipe.stop``).
     """
+    from imgpipe.config import load_stage_config, stage_config_yaml
+    from imgpipe.logs import setup_logging
+
     install(immediate=immediate)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        _run_entry(hydra_main, config_name, schema, sweep)
-    except Stopped as exc:  # an immediate stop outside ``guarded`` (Hydra's own set-up)
+        if "-h" in args or "--help" in args:
+            print((doc or "").strip() or f"conf/{stage}.yaml keys as key=value overrides")
+            return
+        if "--multirun" in args or "-m" in args:
+            if sweep is None:
+                raise PipelineError(f"conf/{stage}.yaml has no sweep: --multirun does not apply")
+            sweep([a for a in args if a not in ("--multirun", "-m")])
+            return
+        show = _take_cfg_flag(args)
+        flags = [a for a in args if a.startswith("-")]
+        if flags:
+            raise PipelineError(
+                f"unknown option {flags[0]!r}: give key=value overrides "
+                "(flags: --help, --cfg job, --multirun)"
+            )
+        config = load_stage_config(stage, args)
+        if show:
+            print(stage_config_yaml(config), end="")
+            return
+        setup_logging(config.log_dir)
+        run(config)
+    except PipelineError as exc:
+        fail(exc)
+    except Stopped as exc:
         stopped(exc)
 
 
-def _run_entry(
-    hydra_main: Callable[[], Any],
-    config_name: str,
-    schema: type,
-    sweep: Callable[[list[str]], None] | None,
-) -> None:
-    argv = sys.argv[1:]
-    multirun = "--multirun" in argv or "-m" in argv
-    if multirun and sweep is not None:
-        sweep([a for a in argv if a not in ("--multirun", "-m")])
-        return
-    try:
-        if multirun:
-            raise PipelineError(f"conf/{config_name}.yaml has no sweep: --multirun does not apply")
-        argv = params_file_overrides(schema, argv) + argv
-        # Flags (--cfg, --help, ...) are Hydra's own business.
-        if not any(arg.startswith("-") for arg in argv):
-            _check_overrides(config_name, schema, argv)
-    except PipelineError as exc:
-        fail(exc)
-    sys.argv = [sys.argv[0], *argv]
-    hydra_main()
+def _take_cfg_flag(args: list[str]) -> bool:
+    """Remove ``--cfg job`` (Hydra's flag, kept for scripts that use it); whether it was there."""
+    for flag in ("--cfg", "-c"):
+        if flag in args:
+            at = args.index(flag)
+            if args[at + 1 : at + 2] != ["job"]:
+                raise PipelineError(f"{flag} takes 'job' (the stage's composed config)")
+            del args[at : at + 2]
+            return True
+    return False

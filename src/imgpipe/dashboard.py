@@ -2,7 +2,7 @@
 
     make dashboard                                   # http://127.0.0.1:8080 (DASHBOARD_PORT)
     make dashboard ARGS="hydra.sweeper.storage=postgresql://optuna@db.internal/optuna"
-    IMGPIPE_PARAMS_FILE=params.yaml python -m imgpipe.dashboard [overrides as for the sweep]
+    IMGPIPE_PARAMS_FILE=params.yaml imgpipe dashboard [overrides as for the sweep]
 
 The study is found as the sweep finds it (``imgpipe.sweep.settings.load_settings`` with
 the same overrides and params file), so the dashboard shows the study `make sweep`
@@ -14,7 +14,6 @@ the same name is shown instead, and the line says so. No study at all: one line.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from imgpipe.errors import PipelineError
@@ -81,22 +80,3 @@ def serve(url: str, study_name: str, host: str, port: int, note: str = "") -> No
         raise PipelineError(
             f"cannot listen on {host}:{port}: {exc.strerror or exc} (set {PORT_ENV})"
         ) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    from imgpipe.cli import fail
-
-    args = sys.argv[1:] if argv is None else argv
-    try:
-        host, port = listen_address()
-        url, name, note = find_study("train_model", args)
-        serve(url, name, host, port, note)
-    except PipelineError as exc:
-        fail(exc)
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
 """The plots users look at, drawn with no network.
 
-    python -m imgpipe.plots page [OUT]          # `make plots`: OUT/index.html (default dvc_plots)
-    python -m imgpipe.plots images LIVE_DIR     # static PNGs of a dvclive folder
-    python -m imgpipe.plots readme DEST         # `make readme-images`: the README's pictures
+    imgpipe plots page [OUT]          # `make plots`: OUT/index.html (default dvc_plots)
+    imgpipe plots images LIVE_DIR     # static PNGs of a dvclive folder
+    imgpipe plots readme DEST         # `make readme-images`: the README's pictures
 
 ``dvc plots show`` writes a page that loads Vega, Vega-Lite and Vega-Embed from a CDN, so
 offline (clusters, CI) it stays blank. The page here is DVC's own, filled from dvc.yaml's
@@ -72,7 +72,7 @@ def bundle_header() -> str:
     return (
         f"/* vega {vl_convert.get_vega_version()}, vega-lite {VEGA_LITE}, vega-embed "
         f"{vl_convert.get_vega_embed_version()}: built by vl-convert-python "
-        f"{vl_convert.__version__} (python -m imgpipe.plots page) */\n"
+        f"{vl_convert.__version__} (imgpipe plots page) */\n"
     )
 
 
@@ -253,34 +253,3 @@ def copy_readme_images(project: Path, dest: Path, sources: Iterable[str] = READM
             raise PipelineError(f"{src}: {size} bytes, above {README_MAX_BYTES} for the README")
         with atomic_file(dest / name) as fh, open(src, "rb") as data:
             shutil.copyfileobj(data, fh)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    from imgpipe.cli import fail
-
-    args = sys.argv[1:] if argv is None else argv
-    what, rest = (args[0], args[1:]) if args else ("page", [])
-    try:
-        if what == "page" and len(rest) <= 1:
-            page = write_page(Path.cwd(), Path(rest[0] if rest else PAGE_DIR))
-            print(f"plots: {page} (draws offline: {BUNDLE} beside it)")
-        elif what == "images" and len(rest) == 1:
-            for path in draw_images(rest[0]):
-                print(path)
-        elif what == "readme" and len(rest) == 1:
-            copy_readme_images(Path.cwd(), Path(rest[0]))
-            print(f"README images in {rest[0]}: {', '.join(README_SOURCES)}")
-        else:
-            raise PipelineError(
-                "usage: python -m imgpipe.plots [page [OUT] | images LIVE_DIR | readme DEST]"
-            )
-    except PipelineError as exc:
-        fail(exc)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

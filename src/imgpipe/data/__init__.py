@@ -17,7 +17,7 @@ Processed layout (what ``process_data`` writes and ``train`` reads)::
 
 One module per stage of the data:
 
-- ``sample``: the sample digits exported into the raw layout (``python -m imgpipe.data``);
+- ``sample``: the sample digits exported into the raw layout (``imgpipe data sample``);
 - ``raw``: reading and validating the raw layout;
 - ``val_split``: the validation split, the raw one or one carved from train;
 - ``process``: decoding it on all cores into the processed layout (``process_data``);

@@ -1,6 +1,6 @@
 """The sample dataset: scikit-learn's handwritten digits exported into the raw layout.
 
-``python -m imgpipe.data OUT_DIR`` (``make data``) runs ``main``. The export is
+``imgpipe data sample OUT_DIR`` (``make data``) runs ``export_sample_digits``. The export is
 byte-for-byte the same on every machine, because ``data.dvc`` holds its hashes.
 """
 
@@ -106,15 +106,3 @@ def export_sample_digits(out_dir: str | os.PathLike[str]) -> int:
     with atomic_dir(out_dir) as tmp:
         write_image_folder(tmp, images, labels, {"train": train, "test": test})
     return len(images)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m imgpipe.data OUT_DIR``: export the sample digits into OUT_DIR."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m imgpipe.data", description=main.__doc__)
-    parser.add_argument("out_dir", help="where to write the raw layout, e.g. data/raw")
-    args = parser.parse_args(argv)
-    count = export_sample_digits(args.out_dir)
-    print(f"wrote {count} sample digits to {args.out_dir}")
-    return 0

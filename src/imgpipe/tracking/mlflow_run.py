@@ -4,13 +4,12 @@ model, and an end status that matches how training ended.
 
 A server that is gone at the end is waited for ``outage_wait_s``; after that the run ends
 without it: one line names what is missing and the command that adds it later
-(``imgpipe.tracking.sync``), and training still succeeds."""
+(``imgpipe sync``), and training still succeeds."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +18,10 @@ from typing import Any
 from imgpipe.errors import PipelineError
 from imgpipe.redact import redact_url
 from imgpipe.tracking.cost import CostMeter
+from imgpipe.tracking.model_log import log_pytorch_model
 from imgpipe.tracking.outbox import Batch, Outbox, missing_batches, send_failures
-from imgpipe.tracking.store import ensure_experiment
+from imgpipe.tracking.store import ensure_experiment, hide_secret_urls
+from imgpipe.tracking.sync import sync_command
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,6 @@ class MlflowRun:
                 return
             except send_failures():
                 pass
-        from imgpipe.tracking.sync import sync_command  # runs as a module (-m): not at import
-
         self._forget_fluent_run()
         log.warning(
             "MLflow run %s at %s is incomplete (%s; status %s not set): the checkpoint, "
@@ -252,7 +251,7 @@ class MlflowRun:
             register_trained(self.spec.tracking_uri, name, self.run_id, model_id)
         except PipelineError as exc:
             log.warning(
-                "%s; register it later with: python -m imgpipe.tracking.registry register --run %s",
+                "%s; register it later with: imgpipe register --run %s",
                 exc,
                 self.run_id,
             )
@@ -274,37 +273,6 @@ class MlflowRun:
             self._fluent = False
             with contextlib.suppress(*send_failures()):
                 mlflow.end_run()
-
-
-def log_pytorch_model(model: Any, example: Any) -> str:
-    """``model`` into the active run as an MLflow model (mlflow.pytorch.load_model and
-    mlflow.pyfunc.load_model load it); the logged model's id."""
-    import mlflow
-    import torch
-
-    model = model.cpu().eval()
-    # "pt2" (torch.export) loads without running pickled code; it traces with the example.
-    # Explicit requirements: inferring them imports and inspects the whole env.
-    # No serving-input validation: MLflow would load the model back and predict on the
-    # example on every run; the project's tests load logged models through pyfunc and
-    # predict instead. (MLflow also hands this keyword to the flavor's save: "pt2"
-    # ignores it, "pickle" would not.)
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        input_example=example.cpu().numpy(),
-        serialization_format="pt2",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        validate_serving_input=False,
-    )
-    return info.model_id
-
-
-def hide_secret_urls(tracking_uri: str) -> None:
-    """MLflow prints the run's URL, password included, whenever a run ends: not for one
-    that has a password."""
-    if redact_url(tracking_uri) != tracking_uri:
-        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def _missing(steps: list[int], model: bool) -> str:

@@ -2,11 +2,11 @@
 version of a name, the alias ``champion`` moved to a version (the champion it replaces keeps
 its version and gains ``previous``), and the sweep's rule for when it moves.
 
-    python -m imgpipe.tracking.registry promote --run RUN_ID   # or: make promote RUN=RUN_ID
-    python -m imgpipe.tracking.registry promote --version 3    # or: make promote VERSION=3
-    python -m imgpipe.tracking.registry register --run RUN_ID  # a version; no alias moves
+    imgpipe promote --run RUN_ID   # or: make promote RUN=RUN_ID
+    imgpipe promote --version 3    # or: make promote VERSION=3
+    imgpipe register --run RUN_ID  # a version; no alias moves
 
-The name is ``--name``, else ``mlflow_registered_model_name`` of the project's config
+The command line is ``imgpipe.commands.tracking``. The name is ``--name``, else ``mlflow_registered_model_name`` of the project's config
 (conf/train_model.yaml < the params file named by IMGPIPE_PARAMS_FILE, as for the stages);
 the store is ``--tracking-uri``, else the config's ``mlflow_tracking_uri``, else
 MLFLOW_TRACKING_URI, else the project's local store. Every action logs one line naming the
@@ -16,10 +16,8 @@ run and the version it used. The champion loads with
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,25 +294,25 @@ def registry_errors(tracking_uri: str, name: str) -> Iterator[None]:
         ) from None
 
 
-# --------------------------------------------------------------------------- the command
+# --------------------------------------------------------------------------- by hand
 
 
-def run_command(args: argparse.Namespace) -> Version:
+def run_action(
+    action: str,
+    tracking_uri: str | None,
+    name: str,
+    *,
+    run_id: str | None = None,
+    number: int | None = None,
+) -> Version:
+    """``imgpipe promote`` / ``imgpipe register``: ``action`` (promote or register) on
+    ``name`` in the store ``tracking_uri`` (None: MLFLOW_TRACKING_URI, else the project's
+    local store), by ``run_id`` or version ``number``."""
     from mlflow import MlflowClient
 
-    from imgpipe.cli import load_config
-    from imgpipe.config import TrainConfig
-    from imgpipe.tracking.mlflow_run import hide_secret_urls
-    from imgpipe.tracking.store import check_tracking_uri, resolve_tracking_uri
+    from imgpipe.tracking.store import check_tracking_uri, hide_secret_urls, resolve_tracking_uri
 
-    cfg = None if args.name and args.tracking_uri else load_config("train_model", TrainConfig, [])
-    name = args.name or cfg.mlflow_registered_model_name
-    if not name:
-        raise PipelineError(
-            "no registered model name: set mlflow_registered_model_name in "
-            "conf/train_model.yaml (or params.yaml), or pass --name (make promote NAME=...)"
-        )
-    uri = resolve_tracking_uri(args.tracking_uri or cfg.mlflow_tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     if store is not None and not store.is_file():  # MLflow would create an empty one
         raise PipelineError(f"MLflow store {store} does not exist (mlflow_tracking_uri?)")
@@ -322,59 +320,10 @@ def run_command(args: argparse.Namespace) -> Version:
     hide_secret_urls(uri)
     with registry_errors(uri, name):
         client = MlflowClient(uri)
-        if args.action == "register":
-            return register(client, name, args.run, say_existing=True)
-        number = (
-            args.version if args.version is not None else register(client, name, args.run).number
-        )
+        if action == "register":
+            assert run_id is not None
+            return register(client, name, run_id, say_existing=True)
+        if number is None:
+            assert run_id is not None
+            number = register(client, name, run_id).number
         return promote(client, name, number)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:  # argparse's usage block would add lines
-        raise PipelineError(f"{message} (see python -m imgpipe.tracking.registry --help)")
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(
-        prog="python -m imgpipe.tracking.registry",
-        description="Register a run's model, or move the alias 'champion' by hand.",
-    )
-    parser.add_argument("action", choices=("promote", "register"))
-    parser.add_argument("--run", help="an MLflow run id: its model (registered if it is not yet)")
-    parser.add_argument("--version", help="a version of the registered model (promote only)")
-    parser.add_argument("--name", help="the registered model (default: the config's)")
-    parser.add_argument("--tracking-uri", help="the MLflow server or store (default: the config's)")
-    args = parser.parse_args(argv)
-    if args.action == "register" and (args.run is None or args.version is not None):
-        raise PipelineError("register takes --run RUN_ID (make promote moves the alias)")
-    if (args.run is None) == (args.version is None):
-        raise PipelineError("promote takes one of RUN=<run id> or VERSION=<n>")
-    if args.version is not None:
-        try:
-            args.version = int(args.version)
-        except ValueError:
-            raise PipelineError(f"VERSION={args.version!r}: not a version number") from None
-    return args
-
-
-class _ResultLines(logging.Handler):
-    """The action's line on stdout (looked up when written), as the command's result."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(record.getMessage(), file=sys.stdout, flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from imgpipe.cli import guarded
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not any(isinstance(h, _ResultLines) for h in log.handlers):
-        log.addHandler(_ResultLines())
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    guarded(lambda: run_command(parse(sys.argv[1:] if argv is None else argv)))
-
-
-if __name__ == "__main__":
-    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -24,8 +25,33 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
-    """Config key, else MLFLOW_TRACKING_URI, else the local SQLite store under mlruns/."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """Config key, else MLFLOW_TRACKING_URI, else the local SQLite store under mlruns/.
+
+    A plain folder (``./mlruns``, the seed's value, or ``file:`` URI) means the project's
+    SQLite store inside it: MLflow 3's own file store refuses to run."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file") or (len(parts.scheme) == 1 and uri[1:3] in (":\\", ":/")):
+        folder = Path(parts.path if parts.scheme == "file" else uri)
+        folder = folder if folder.is_absolute() else project_root() / folder
+        db = folder.resolve() / "mlflow.db"
+        if _FOLDER_SAID.setdefault(uri, False) is False:
+            _FOLDER_SAID[uri] = True
+            logging.getLogger(__name__).info(
+                "MLflow tracking URI %s is a folder: using the SQLite store %s", uri, db
+            )
+        return f"sqlite:///{db}"
+    return uri
+
+
+_FOLDER_SAID: dict[str, bool] = {}  # the folder line once per process
+
+
+def hide_secret_urls(tracking_uri: str) -> None:
+    """MLflow prints the run's URL, password included, whenever a run ends: not for one
+    that has a password."""
+    if redact_url(tracking_uri) != tracking_uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:

@@ -1,7 +1,7 @@
 """Complete an MLflow run from its checkpoint, after a tracking outage outlasted training.
 
-    python -m imgpipe.tracking.sync models                   # or: make mlflow-sync
-    python -m imgpipe.tracking.sync models --tracking-uri http://host:5000
+    imgpipe sync models                   # or: make mlflow-sync
+    imgpipe sync models --tracking-uri http://host:5000
     # a password goes in the environment, never on a command line:
     # MLFLOW_TRACKING_URI (the URL with it), or MLFLOW_TRACKING_USERNAME/_PASSWORD
 
@@ -16,11 +16,9 @@ project's local store.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shlex
-import sys
 from pathlib import Path
 
 from imgpipe.errors import PipelineError
@@ -32,7 +30,7 @@ log = logging.getLogger(__name__)
 def sync_command(checkpoint_dir: str | None, tracking_uri: str) -> str:
     """The command that completes a run later from its checkpoint (printed, so no password)."""
     folder = Path(checkpoint_dir or "models").resolve()
-    command = f"python -m imgpipe.tracking.sync {shlex.quote(str(folder))}"
+    command = f"imgpipe sync {shlex.quote(str(folder))}"
     if redact_url(tracking_uri) != tracking_uri:
         command += " (with MLFLOW_TRACKING_URI set to the server's URL with its password)"
     return command
@@ -57,9 +55,8 @@ def tracking_uri_for(config: dict, given: str | None) -> str:
 def sync(checkpoint_dir: str | os.PathLike[str], tracking_uri: str | None = None) -> str:
     """Log what the run lacks; return the one line that says what was done."""
     from imgpipe import checkpoint
-    from imgpipe.tracking.mlflow_run import hide_secret_urls
     from imgpipe.tracking.outbox import missing_batches, send_failures
-    from imgpipe.tracking.store import check_tracking_uri
+    from imgpipe.tracking.store import check_tracking_uri, hide_secret_urls
 
     folder = Path(checkpoint_dir)
     found = checkpoint.load_latest(folder)
@@ -148,7 +145,7 @@ def _log_model_file(model_file: Path, uri: str, run_id: str) -> str:
 
     from imgpipe import checkpoint
     from imgpipe.model import MODEL_NAME, ConvNet
-    from imgpipe.tracking.mlflow_run import log_pytorch_model
+    from imgpipe.tracking.model_log import log_pytorch_model
 
     saved = checkpoint.load(model_file)
     if saved.get("model_name") != MODEL_NAME:
@@ -161,21 +158,3 @@ def _log_model_file(model_file: Path, uri: str, run_id: str) -> str:
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         return log_pytorch_model(model, example)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m imgpipe.tracking.sync",
-        description="Log what an MLflow run lacks from its checkpoint (after an outage).",
-    )
-    parser.add_argument("checkpoint_dir", help="the training's model_checkpoint_dir_path")
-    parser.add_argument("--tracking-uri", help="the MLflow server or store holding the run")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from imgpipe.cli import guarded
-
-    print(guarded(sync, args.checkpoint_dir, args.tracking_uri), flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
