@@ -165,7 +165,11 @@ def _plugin(fmt: str) -> tuple[Callable[..., Any], Callable[[bytes], Any] | None
 def _content_format(path: str) -> str | None:
     """The supported format whose signature the file starts with, if any."""
     with open(path, "rb") as fh:
-        prefix = fh.read(16)
+        return content_format(fh.read(16))
+
+
+def content_format(prefix: bytes) -> str | None:
+    """The supported format whose signature ``prefix`` (a file's first bytes) starts with."""
     for fmt in dict.fromkeys(IMAGE_FORMATS.values()):
         accept = _plugin(fmt)[1]
         if accept is not None and accept(prefix):
@@ -185,10 +189,23 @@ def open_image(path: str, max_pixels: int) -> Any:
         raise PipelineError(
             f"{path}: unsupported image format (supported: {', '.join(IMAGE_SUFFIXES)})"
         )
+    return _open_as(path, path, fmt, max_pixels)
+
+
+def open_image_data(data: bytes, fmt: str, name: str, max_pixels: int) -> Any:
+    """``open_image`` for an image held in memory (an upload, never written to disk):
+    ``fmt`` (a value of ``IMAGE_FORMATS``) is what the sender declared, and the content
+    must be of it; ``name`` names the image in errors."""
+    import io
+
+    return _open_as(io.BytesIO(data), name, fmt, max_pixels, prefix=data[:16])
+
+
+def _open_as(source: Any, path: str, fmt: str, max_pixels: int, prefix: bytes | None = None) -> Any:
     try:
-        im = _plugin(fmt)[0](path)
+        im = _plugin(fmt)[0](source)
     except SyntaxError as exc:
-        actual = _content_format(path)
+        actual = _content_format(path) if prefix is None else content_format(prefix)
         if actual is not None and actual != fmt:
             suffix = next(s for s, f in IMAGE_FORMATS.items() if f == actual)
             raise PipelineError(

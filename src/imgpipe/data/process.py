@@ -23,7 +23,7 @@ from imgpipe.atomic import atomic_dir
 from imgpipe.cpus import available_cpus
 from imgpipe.data import processed
 from imgpipe.data.decoders import decode_fast
-from imgpipe.data.files import DEFAULT_MAX_IMAGE_PIXELS, open_image
+from imgpipe.data.files import DEFAULT_MAX_IMAGE_PIXELS, open_image, open_image_data
 from imgpipe.data.raw import RawSplit, read_raw_dataset, sort_labels
 from imgpipe.data.val_split import VAL_SPLIT, carve_val, describe_carve, describe_raw
 from imgpipe.errors import PipelineError
@@ -136,6 +136,21 @@ def _decode_pixels(path: str, target: Target, out: np.ndarray | None = None) -> 
         return target.fit(converted, path)
     except DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def decode_image_data(data: bytes, fmt: str, name: str, target: Target) -> bytes:
+    """An image held in memory (an upload, never written to disk) as ``_decode_pixels``
+    decodes a file: the same rules, Pillow's pixels (which the fast decoders equal), in the
+    target's size and mode. ``fmt`` is the format the sender declared."""
+    try:
+        with open_image_data(data, fmt, name, target.max_pixels) as im:
+            target.check_size(im.size, name)
+            if im.mode == target.mode and im.size == target.size:
+                return im.tobytes()
+            converted = _to_dataset_mode(im, name)
+        return target.fit(converted, name)
+    except DECODE_ERRORS as exc:
+        raise PipelineError(f"{name}: cannot decode image ({exc})") from exc
 
 
 def _decode_chunk(
