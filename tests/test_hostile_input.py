@@ -162,9 +162,43 @@ def _split_folder_out_of_dataset(raw: Path, tmp: Path) -> str:
     return str(target)
 
 
+def _edit_csv_line(raw: Path, number: int, change) -> str:
+    """Change line ``number`` (1: the header) of train.csv; the culprit it names."""
+    csv = raw / "train.csv"
+    lines = csv.read_bytes().split(b"\n")
+    lines[number - 1] = change(lines[number - 1])
+    csv.write_bytes(b"\n".join(lines))
+    return f"{csv} line {number}"
+
+
+def _nul_in_csv_path(raw: Path, tmp: Path) -> str:
+    return _edit_csv_line(raw, 3, lambda line: line.replace(b".png", b"\x00.png"))
+
+
+def _escape_in_csv_label(raw: Path, tmp: Path) -> str:
+    return _edit_csv_line(raw, 4, lambda line: line + b"\x1b[31m")
+
+
+def _newline_in_quoted_csv_path(raw: Path, tmp: Path) -> str:
+    def quoted(line: bytes) -> bytes:
+        path, label = line.split(b",")
+        return b'"' + path.replace(b".png", b"\n.png") + b'",' + label
+
+    _edit_csv_line(raw, 2, quoted)
+    return f"{raw / 'train.csv'} line 3"  # the row ends on the line after the break
+
+
+def _latin1_byte_in_csv(raw: Path, tmp: Path) -> str:
+    return _edit_csv_line(raw, 5, lambda line: line.replace(b".png", b"\xe9.png"))
+
+
 @pytest.mark.parametrize(
     ("damage", "expected", "overrides"),
     [
+        pytest.param(_nul_in_csv_path, "U+0000 at position", (), id="csv-path-with-nul"),
+        pytest.param(_escape_in_csv_label, "label", (), id="csv-label-with-escape"),
+        pytest.param(_newline_in_quoted_csv_path, "U+000A", (), id="csv-path-with-newline"),
+        pytest.param(_latin1_byte_in_csv, "not a UTF-8 CSV file", (), id="csv-not-utf8"),
         pytest.param(
             _bomb_first, "more than max_image_pixels=89478485", (), id="header-bomb-first"
         ),
@@ -268,3 +302,57 @@ def test_what_dvc_and_excel_write_is_accepted(small_raw: Path, tmp_path: Path, c
 
     assert result.returncode == 0, result.stderr
     assert tree_digest(repo / "data" / "processed") == tree_digest(expected)
+
+
+# --------------------------------------------------------------------------- other formats
+
+
+def _folder_layout_with_other_formats(raw: Path) -> list[Path]:
+    """The small dataset listed by its folders (no CSVs), with files of other formats."""
+    for csv in raw.glob("*.csv"):
+        csv.unlink()
+    others = [raw / "train" / "ant" / "x.gif", raw / "test" / "bee" / "y.HEIC"]
+    others.append(raw / "test" / "bee" / "z.tif")
+    for path in others:
+        Image.fromarray(np.zeros((6, 6), dtype=np.uint8)).save(path, format="GIF")
+    (raw / "train" / "ant" / ".DS_Store").write_bytes(b"\0")  # hidden: never counted
+    return others
+
+
+def test_other_formats_in_class_folders_are_skipped_and_counted_once(
+    small_raw: Path, tmp_path: Path
+) -> None:
+    others = _folder_layout_with_other_formats(small_raw)
+
+    result = process(small_raw, tmp_path / "processed", tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "unsupported formats" in line]
+    assert len(said) == 1, result.stderr
+    assert "skipped 3 file(s) of unsupported formats (.gif: 1, .heic: 1, .tif: 1)" in said[0]
+    assert f"under {small_raw / 'test' / 'bee'}, {small_raw / 'train' / 'ant'}" in said[0]
+    assert "unsupported_files=error" in said[0]
+    assert len(np.load(tmp_path / "processed" / "test_labels.npy")) == 6  # the images alone
+    assert all(p.exists() for p in others)
+
+
+def test_other_formats_with_unsupported_files_error_stop_before_any_work(
+    small_raw: Path, tmp_path: Path
+) -> None:
+    _folder_layout_with_other_formats(small_raw)
+
+    result = process(small_raw, tmp_path / "processed", tmp_path, "unsupported_files=error")
+
+    assert result.returncode == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "3 file(s) of unsupported formats (.gif: 1, .heic: 1, .tif: 1)" in line
+    assert str(small_raw / "test" / "bee" / "y.HEIC") in line and "unsupported_files=skip" in line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "processed").exists()
+
+
+def test_unsupported_files_takes_skip_or_error_only(small_raw: Path, tmp_path: Path) -> None:
+    result = process(small_raw, tmp_path / "processed", tmp_path, "unsupported_files=ignore")
+    assert result.returncode == 2, result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "unsupported_files" in line and "skip or error" in line

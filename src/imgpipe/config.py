@@ -39,6 +39,8 @@ class ProcessDataConfig:
     val_fraction: float = 0.1  # of each class's train images, when the raw data has no val
     image_size: list[int] | None = None  # [height, width] every image is resized to; None: as is
     image_mode: str | None = None  # L or RGB, what every image is converted to; None: as is
+    # A file of another format in a class folder (.gif, .heic): skip (one warning) or error.
+    unsupported_files: str = "skip"
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
@@ -60,6 +62,12 @@ class ProcessDataConfig:
         )
         _check(
             self.image_mode in (None, "L", "RGB"), "image_mode", self.image_mode, "null, L or RGB"
+        )
+        _check(
+            self.unsupported_files in ("skip", "error"),
+            "unsupported_files",
+            self.unsupported_files,
+            "skip or error",
         )
 
 

@@ -1,4 +1,5 @@
-"""Which files of a raw dataset may be read, and how an image is opened.
+"""Which files of a raw dataset may be read, which are of formats it skips, and how an
+image is opened.
 
 A dataset downloaded from elsewhere is untrusted input. Three rules hold before
 any byte of an image is decoded:
@@ -21,9 +22,13 @@ from __future__ import annotations
 
 import configparser
 import functools
+import logging
 import os
 import stat
+import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from imgpipe.errors import PipelineError
@@ -145,6 +150,55 @@ class DatasetGuard:
         if stat.S_ISLNK(mode):
             return self.link_refusal(path)
         return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def unusable_char(text: str) -> str | None:
+    """What makes ``text`` unusable as a path part: a control character (NUL, a newline,
+    a tab, ESC...; Unicode's Cc class) or a lone surrogate, named with its code point."""
+    for at, char in enumerate(text):
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            return f"the control character U+{ord(char):04X} at position {at + 1}"
+    return None
+
+
+@dataclass
+class Unsupported:
+    """Files of formats this project does not decode, found in class folders: file names
+    per folder. Hidden files (``.DS_Store``) and sub-folders are not counted."""
+
+    # skip: one warning for the whole dataset (counts per extension, the folders);
+    # error: the same as one line, before any work.
+    POLICIES = ("skip", "error")
+
+    by_folder: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, folder: str, name: str) -> None:
+        self.by_folder.setdefault(folder, []).append(name)
+
+    def report(self, policy: str) -> None:
+        """One warning naming how many files, of which extensions, under which folders;
+        with ``policy`` ``error``, the same as one PipelineError instead."""
+        if not self.by_folder:
+            return
+        names = [n for files in self.by_folder.values() for n in files]
+        kinds = Counter(os.path.splitext(n)[1].lower() or "(no extension)" for n in names)
+        folders = sorted(self.by_folder)
+        shown = ", ".join(folders[:5]) + (
+            f" and {len(folders) - 5} more" if len(folders) > 5 else ""
+        )
+        first = os.path.join(folders[0], sorted(self.by_folder[folders[0]])[0])
+        what = (
+            f"{len(names)} file(s) of unsupported formats "
+            f"({', '.join(f'{ext}: {n}' for ext, n in sorted(kinds.items()))}) "
+            f"under {shown} (e.g. {first!r}); supported: {', '.join(IMAGE_SUFFIXES)}"
+        )
+        if policy == "error":
+            raise PipelineError(
+                f"{what}: convert or remove them, or set unsupported_files=skip to skip them"
+            )
+        logging.getLogger("imgpipe.data").warning(
+            "skipped %s (unsupported_files=error makes this an error)", what
+        )
 
 
 # --------------------------------------------------------------------------- opening an image

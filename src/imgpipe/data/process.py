@@ -283,6 +283,7 @@ def process_dataset(
     image_size: tuple[int, int] | None = None,
     image_mode: str | None = None,
     fast_decoders: bool = True,
+    unsupported_files: str = "skip",
 ) -> dict:
     """Validate the raw dataset, decode it on all cores and write the processed arrays.
 
@@ -293,9 +294,10 @@ def process_dataset(
     ``image_size`` (height, width) and ``image_mode`` (L or RGB), when set, are what every
     image is converted and then resized to; unset, the first training image sets them and
     any image that differs is an error. ``fast_decoders`` False decodes with Pillow alone
-    (the bench's baseline). Returns the metadata document written with it.
+    (the bench's baseline). Files of other formats in class folders are reported once
+    (``unsupported_files="skip"``) or refused (``"error"``). Returns the metadata document.
     """
-    splits = read_raw_dataset(raw_data_dir_path)
+    splits = read_raw_dataset(raw_data_dir_path, unsupported_files)
     # The first image listed in train sets the dataset's size and mode, carved into val or not.
     reference = _reference_image(splits["train"].path(0), max_image_pixels)
     if VAL_SPLIT in splits:

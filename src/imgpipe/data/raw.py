@@ -2,10 +2,13 @@
 
 Each split is listed by its ``<split>.csv`` (``filepath,label`` rows, authoritative) or,
 without one, by its folder: every image under ``<split>/<label>/``, the folder naming the
-label (torchvision's ImageFolder layout). Validation happens here, once, before any pixel is decoded: every error names
-the file and line at fault, and nothing is written. What may be read at all (regular
-files inside the dataset, links into DVC's cache) is decided by ``files.DatasetGuard``
-while the folders are listed, from the directory entries and without opening anything.
+label (torchvision's ImageFolder layout). Validation happens here, once, before any
+pixel is decoded: every error names the file and line at fault, and nothing is written.
+What may be read at all (regular files inside the dataset, links into DVC's cache) is
+decided by ``files.DatasetGuard`` while the folders are listed, from the directory
+entries and without opening anything. Files of other formats in class folders (a
+``.gif`` among the photos) are counted and reported once (``unsupported_files``:
+``skip`` says so, ``error`` refuses).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgpipe.data.files import IMAGE_SUFFIXES, DatasetGuard
+from imgpipe.data.files import IMAGE_SUFFIXES, DatasetGuard, Unsupported, unusable_char
 from imgpipe.errors import PipelineError
 
 # One logger name for the whole data stage, as its log lines have always carried.
 log = logging.getLogger("imgpipe.data")
 
 REQUIRED_SPLITS = ("train", "test")
+
 # The splits a folder without a CSV stands for; with CSVs, any <split>.csv is a split.
 LAYOUT_SPLITS = ("train", "val", "test")
 
@@ -63,8 +67,11 @@ class RawSplit:
         ]
 
 
-def _scan_folder(guard: DatasetGuard, folder: str) -> tuple[set[str], dict[str, str]]:
-    """A class folder's image file names that may be read, and why the others may not.
+def _scan_folder(
+    guard: DatasetGuard, folder: str, unsupported: Unsupported | None = None
+) -> tuple[set[str], dict[str, str]]:
+    """A class folder's image file names that may be read, and why the others may not;
+    files of other formats go into ``unsupported`` when given.
 
     A regular file in a folder that is inside the dataset is inside too: its directory
     entry says so without a ``stat``. Only links are resolved.
@@ -74,6 +81,12 @@ def _scan_folder(guard: DatasetGuard, folder: str) -> tuple[set[str], dict[str, 
     with os.scandir(folder) as images:
         for e in images:
             if not e.name.lower().endswith(IMAGE_SUFFIXES):
+                if (
+                    unsupported is not None
+                    and not e.name.startswith(".")
+                    and not e.is_dir(follow_symlinks=False)
+                ):
+                    unsupported.add(folder, e.name)
                 continue
             if e.is_file(follow_symlinks=False):
                 readable.add(e.name)
@@ -87,7 +100,7 @@ def _scan_folder(guard: DatasetGuard, folder: str) -> tuple[set[str], dict[str, 
 
 
 def _scan_split(
-    guard: DatasetGuard, split_dir: Path
+    guard: DatasetGuard, split_dir: Path, unsupported: Unsupported | None = None
 ) -> tuple[dict[str, set[str]], dict[str, dict[str, str]]]:
     """Image file names per class folder of one split, readable and refused.
 
@@ -110,8 +123,24 @@ def _scan_split(
                     raise PipelineError(f"class folder {entry.path} {why}")
             elif not entry.is_dir(follow_symlinks=False):
                 continue
-            found[entry.name], refused[entry.name] = _scan_folder(guard, entry.path)
+            found[entry.name], refused[entry.name] = _scan_folder(
+                guard, entry.path, None if entry.name.startswith(".") else unsupported
+            )
     return found, refused
+
+
+def _undecodable_line(csv_path: Path) -> str:
+    """`` line N``: the first line of ``csv_path`` that is not UTF-8 (for the message)."""
+    try:
+        with open(csv_path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f" line {number}"
+    except OSError:
+        pass
+    return ""
 
 
 def _is_regular(path: str) -> bool:
@@ -157,12 +186,19 @@ def _read_split_csv(guard: DatasetGuard, raw_dir: Path, csv_path: Path) -> RawSp
                 )
             at_path, at_label = fields.index("filepath"), fields.index("label")
             width = max(at_path, at_label) + 1
-            for line, row in enumerate(reader, start=2):
+            for row in reader:
+                line = reader.line_num  # the row's (last) physical line
                 rel, label = (
                     (row[at_path].strip(), row[at_label].strip()) if len(row) >= width else ("", "")
                 )
                 if not rel or not label:
                     raise PipelineError(f"{csv_path} line {line}: empty filepath or label")
+                for key, value in (("filepath", rel), ("label", label)):
+                    if bad := unusable_char(value):
+                        raise PipelineError(
+                            f"{csv_path} line {line}: {key} {value!r} holds {bad}, "
+                            "which no file or label name here may hold"
+                        )
                 parts = rel.split("/")
                 if rel.startswith("/") or ".." in parts:
                     raise PipelineError(
@@ -198,7 +234,10 @@ def _read_split_csv(guard: DatasetGuard, raw_dir: Path, csv_path: Path) -> RawSp
                 codes.append(code)
                 files.append(name)
     except UnicodeDecodeError as exc:
-        raise PipelineError(f"{csv_path}: not a UTF-8 CSV file ({exc.reason})") from exc
+        where = _undecodable_line(csv_path)
+        raise PipelineError(
+            f"{csv_path}{where}: not a UTF-8 CSV file ({exc.reason}); save it as CSV UTF-8"
+        ) from exc
     except csv.Error as exc:
         raise PipelineError(f"{csv_path}: malformed CSV ({exc})") from exc
     if not files:
@@ -220,13 +259,16 @@ def _read_split_csv(guard: DatasetGuard, raw_dir: Path, csv_path: Path) -> RawSp
     return RawSplit(split, root, list(label_code), codes, files)
 
 
-def _list_split_folder(guard: DatasetGuard, raw_dir: Path, split: str) -> RawSplit:
+def _list_split_folder(
+    guard: DatasetGuard, raw_dir: Path, split: str, unsupported: Unsupported | None = None
+) -> RawSplit:
     """List every image under ``<split>/<label>/`` (the ImageFolder layout, no CSV): the
     folder names the label; rows in the order of their sorted relative paths, so the same
     files give the same rows on every machine. Hidden entries (``.ipynb_checkpoints``,
-    ``.DS_Store``) are skipped; files of other types beside the images are ignored."""
+    ``.DS_Store``) are skipped;
+    files of other formats beside the images go into ``unsupported``."""
     split_dir = raw_dir / split
-    on_disk, refused = _scan_split(guard, split_dir)
+    on_disk, refused = _scan_split(guard, split_dir, unsupported)
     labels = sorted(label for label in on_disk if not label.startswith("."))
     for label in labels:
         for name, why in sorted(refused[label].items()):
@@ -257,13 +299,21 @@ def split_source(raw_dir: Path, split: str) -> Path:
     return csv_path if csv_path.exists() or csv_path.is_symlink() else raw_dir / split
 
 
-def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
+def read_raw_dataset(
+    raw_dir: str | os.PathLike[str], unsupported_files: str = "skip"
+) -> dict[str, RawSplit]:
     """Read and validate every split of ``raw_dir``; train and test are required.
 
     A split is listed by its ``<split>.csv`` when there is one (authoritative: only its
-    rows are read), else by its folder (``train``, ``val`` and ``test`` only), each split on
-    its own: a dataset may bring train.csv and a bare test/ folder.
+    rows are read, and a listed file of another format is an error), else by its folder
+    (``train``, ``val`` and ``test`` only), each split on its own: a dataset may bring
+    train.csv and a bare test/ folder. Files of other formats in the class folders of a
+    folder-listed split are reported once, or refused (``unsupported_files``: skip, error).
     """
+    if unsupported_files not in Unsupported.POLICIES:
+        raise PipelineError(
+            f"unsupported_files={unsupported_files!r}: expected one of {', '.join(Unsupported.POLICIES)}"
+        )
     raw = Path(raw_dir)
     if not raw.is_dir():
         raise PipelineError(f"raw data directory not found: {raw} (run `make data` for the sample)")
@@ -282,13 +332,15 @@ def read_raw_dataset(raw_dir: str | os.PathLike[str]) -> dict[str, RawSplit]:
             + ", ".join(f"{s} (a {s}/<label>/ folder or {s}.csv)" for s in missing)
         )
     guard = DatasetGuard(raw)
+    unsupported = Unsupported()
     splits = {}
     for name in sorted(names):
         source = split_source(raw, name)
         if source.suffix == ".csv":
             splits[name] = _read_split_csv(guard, raw, source)
         else:
-            splits[name] = _list_split_folder(guard, raw, name)
+            splits[name] = _list_split_folder(guard, raw, name, unsupported)
+    unsupported.report(unsupported_files)
     train_classes = set(splits["train"].label_names)
     for name, split in splits.items():
         extra = set(split.label_names) - train_classes
