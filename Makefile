@@ -30,6 +30,13 @@ MLFLOW_HOST ?= 127.0.0.1
 # request on a kept-alive connection waits for a delayed ACK (figures: bench/NOTES.md).
 MLFLOW_WORKERS ?= 1
 DASHBOARD_PORT ?= 8080
+# make predict / make serve: MODEL= a model.pt or an MLflow model (models:/<name>@<alias>,
+# runs:/<run id>/model); unset, predict_model of params.yaml, and for serve the champion
+# of mlflow_registered_model_name when there is one, else models/model.pt.
+MODEL ?=
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8000
+SERVE_MAX_BYTES ?=
 
 # Containers. RUNTIME: docker | podman | local; unset, a stage runs in the image when an
 # engine answers and the image is built, else locally (the choice is printed).
@@ -60,7 +67,7 @@ include make/team.mk
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 
-.PHONY: help setup lock data params run process-data train sweep build push mlflow-server mlflow-ui \
+.PHONY: help setup deps-check lock data params run process-data train sweep predict serve build push mlflow-server mlflow-ui \
 	mlflow-sync promote plots dashboard readme-images test bench docs lint params-check format clean
 
 help: ## List the targets
@@ -127,6 +134,21 @@ train: $(SETUP) ## Stage: train the CNN, tracked in MLflow + dvclive [GPU=nvidia
 sweep: $(SETUP) ## Stage: Optuna sweep (conf/train_model.yaml hydra.sweeper); WORKERS=N trials at once
 	@$(STAGE_CHECK)
 	$(call stage,train_model.py,gpu) --multirun $(if $(WORKERS),hydra.sweeper.n_jobs=$(WORKERS)) $(ARGS)
+
+predict: $(SETUP) ## Stage: classify predict_input (data/raw/test) -> predictions/ (MODEL= another model)
+	@$(STAGE_CHECK)
+	$(call stage,predict.py) $(if $(MODEL),'predict_model=$(MODEL)') $(ARGS)
+
+# In a container the server listens on all of the container's interfaces, and the engine
+# publishes the port on SERVE_HOST only (with the host's network: SERVE_HOST itself).
+SERVE_ARGS = serve_port=$(SERVE_PORT) $(if $(MODEL),'serve_model=$(MODEL)') \
+  $(if $(SERVE_MAX_BYTES),serve_max_bytes=$(SERVE_MAX_BYTES)) $(ARGS)
+serve: $(SETUP) ## HTTP endpoint on SERVE_HOST:SERVE_PORT (127.0.0.1:8000): POST /predict; MODEL= (default: the champion, else models/model.pt)
+	@$(STAGE_CHECK)
+	$(if $(filter docker podman,$(STAGE_CHOICE)),$(call container_run,$(STAGE_CHOICE)) \
+	  --env IMGPIPE_PARAMS_FILE=$(PARAMS) $(if $(NETWORK),,--publish $(SERVE_HOST):$(SERVE_PORT):$(SERVE_PORT)) \
+	  $(IMAGE) python -u -m imgpipe serve serve_host=$(if $(NETWORK),$(SERVE_HOST),0.0.0.0),\
+	  IMGPIPE_PARAMS_FILE=$(PARAMS) $(BIN)/imgpipe serve serve_host=$(SERVE_HOST)) $(SERVE_ARGS)
 
 build: ## Build the image: imgpipe:cpu, or GPU=nvidia|amd for imgpipe:cuda|rocm
 	@$(if $(filter amd,$(GPU)),test -n "$(TORCH_INDEX_URL)" || { echo "error: GPU=amd needs TORCH_INDEX_URL=<PyTorch's ROCm wheel index> (PyPI's torch is built for CUDA)" >&2; exit 2; })

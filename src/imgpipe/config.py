@@ -173,7 +173,47 @@ def result_keys(*roles: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("changes") in wanted)
 
 
-SCHEMAS: dict[str, type] = {"process_data": ProcessDataConfig, "train_model": TrainConfig}
+@dataclass
+class PredictConfig:
+    """The predict stage and ``make serve`` (conf/predict.yaml; imgpipe.predict, imgpipe.serve)."""
+
+    predict_input: str = "data/raw/test"  # a folder in either raw layout, labels optional
+    # models/model.pt, models:/<name>@<alias>, models:/<name>/<version> or runs:/<id>/model
+    predict_model: str = "models/model.pt"
+    predict_output_dir: str = "predictions"
+    predict_top_k: int = 3
+    predict_batch_size: int = 256
+    predict_num_workers: int = 0  # decoding processes; 0: every available core
+    predict_max_image_pixels: int = 89_478_485  # as process_data's max_image_pixels
+    serve_model: str | None = None  # None: the champion of the registered name, else model.pt
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    serve_max_bytes: int = 10 << 20  # larger uploads are refused (413) before they are read
+    log_dir: str = "./logs"
+
+    def __post_init__(self) -> None:
+        _check(self.predict_top_k >= 1, "predict_top_k", self.predict_top_k, ">= 1")
+        _check(
+            self.predict_batch_size >= 1, "predict_batch_size", self.predict_batch_size, ">= 1"
+        )
+        _check(
+            self.predict_num_workers >= 0, "predict_num_workers", self.predict_num_workers, ">= 0"
+        )
+        _check(
+            self.predict_max_image_pixels >= 0,
+            "predict_max_image_pixels",
+            self.predict_max_image_pixels,
+            ">= 0",
+        )
+        _check(0 < self.serve_port < 65536, "serve_port", self.serve_port, "a TCP port")
+        _check(self.serve_max_bytes >= 1, "serve_max_bytes", self.serve_max_bytes, ">= 1")
+
+
+SCHEMAS: dict[str, type] = {
+    "process_data": ProcessDataConfig,
+    "train_model": TrainConfig,
+    "predict": PredictConfig,
+}
 
 
 def _check(ok: bool, key: str, value: Any, rule: str) -> None:

@@ -352,3 +352,33 @@ def _write_confusion(out: Path, inputs: Inputs, answered: list[tuple[int, Any]])
     (out / "confusion_matrix.png").write_bytes(
         vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE, scale=1)
     )
+
+
+def run_predict(cfg: Any) -> PredictResult:
+    """The stage as configured (``config.PredictConfig``): load the model, predict the folder."""
+    from imgpipe.inference import load_classifier
+
+    classifier, source = load_classifier(
+        cfg.predict_model, _tracking_uri(cfg.predict_model), cfg.predict_max_image_pixels
+    )
+    return predict_folder(
+        classifier,
+        cfg.predict_input,
+        cfg.predict_output_dir,
+        top_k=cfg.predict_top_k,
+        batch_size=cfg.predict_batch_size,
+        num_workers=cfg.predict_num_workers,
+        model_name=source.uri,
+    )
+
+
+def _tracking_uri(model: str) -> str | None:
+    """The training's tracking store (conf/train_model.yaml < params file), for an MLflow
+    model; None for a file."""
+    from imgpipe.tracking.model_files import is_mlflow_uri
+
+    if not is_mlflow_uri(model):
+        return None
+    from imgpipe.config import load_stage_config
+
+    return load_stage_config("train_model").mlflow_tracking_uri

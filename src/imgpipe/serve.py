@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineError
@@ -232,3 +233,44 @@ def serve(
         server_header=False,
     )  # fmt: skip
     uvicorn.Server(config).run()
+
+
+def run_serve(cfg: Any) -> None:
+    """``make serve`` as configured (``config.PredictConfig``): ``serve_model``, else the
+    champion of ``mlflow_registered_model_name`` when it has one, else models/model.pt."""
+    from imgpipe.config import load_stage_config
+    from imgpipe.inference import load_classifier
+
+    train = load_stage_config("train_model")
+    model = cfg.serve_model or _default_model(train)
+    classifier, source = load_classifier(
+        model, train.mlflow_tracking_uri, cfg.predict_max_image_pixels
+    )
+    serve(
+        classifier,
+        source,
+        host=cfg.serve_host,
+        port=cfg.serve_port,
+        max_bytes=cfg.serve_max_bytes,
+        top_k=cfg.predict_top_k,
+    )
+
+
+def _default_model(train: Any) -> str:
+    fallback = str(Path(train.model_checkpoint_dir_path) / "model.pt")
+    name = train.mlflow_registered_model_name
+    if not name:
+        return fallback
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from imgpipe.tracking.store import resolve_tracking_uri
+
+    try:
+        MlflowClient(resolve_tracking_uri(train.mlflow_tracking_uri)).get_model_version_by_alias(
+            name, "champion"
+        )
+    except MlflowException:
+        log.info("model %r has no champion: serving %s", name, fallback)
+        return fallback
+    return f"models:/{name}@champion"

@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "params": "params:params",
     "config": "config:config",
     "data": "data:data",
+    "predict": "predict:predict",
+    "serve": "predict:serve",
     "sync": "tracking:sync",
     "register": "tracking:register",
     "promote": "tracking:promote",
