@@ -8,15 +8,29 @@ SHELL := /bin/bash
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # Under `dvc exp run --temp/--queue` the stage runs in a copy of the repository;
-# DVC_ROOT names the real one, whose virtual environment we reuse.
+# DVC_ROOT names the real one, whose virtual environment the copy uses as it is.
 VENV ?= $(if $(DVC_ROOT),$(DVC_ROOT)/.venv,.venv)
 BIN := $(VENV)/bin
 PY := $(BIN)/python
-# The stamp's name carries a checksum of pyproject.toml and the lock: same files, no reinstall.
+# The stamp's name carries a checksum of pyproject.toml and the lock: same files, no
+# reinstall (whatever their dates: DVC's copies and git checkouts write them anew).
 DEPS_STAMP := $(VENV)/.deps-$(shell cat pyproject.toml requirements.lock 2>/dev/null | cksum | cut -d' ' -f1)
+# In DVC's copy (DVC_ROOT elsewhere) nothing is ever installed: two queued experiments would
+# install into one environment at once, and leave its editable install pointing at a copy
+# DVC deletes. The copy checks that the environment matches its dependencies, and runs its
+# own code (src/ first on the path).
+IN_DVC_COPY := $(if $(DVC_ROOT),$(filter-out $(realpath $(DVC_ROOT)),$(realpath $(CURDIR))))
+ifneq ($(IN_DVC_COPY),)
+export PYTHONPATH := $(CURDIR)/src$(if $(PYTHONPATH),:$(PYTHONPATH))
+endif
 # Targets depend on SETUP; `make SETUP= ...` uses $(VENV) as it is (the tests do,
 # so a project copy never reinstalls into the environment that runs them).
-SETUP ?= $(DEPS_STAMP)
+SETUP ?= $(if $(IN_DVC_COPY),deps-check,$(DEPS_STAMP))
+# The installer: uv (UV_VERSION, installed on first use into the user's cache by make/uv.py,
+# which hands it pip's configuration), else pip; INSTALLER=pip skips uv.
+INSTALLER ?= uv
+UV_VERSION ?= 0.13.9
+UV = IMGPIPE_UV_VERSION=$(UV_VERSION) $(PYTHON) make/uv.py
 RAW_DIR ?= data/raw
 PARAMS ?= params.yaml
 ARGS ?=
@@ -73,34 +87,51 @@ export DO_NOT_TRACK ?= true
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(DEPS_STAMP) ## Create .venv and install the locked dependencies (once per pyproject.toml + requirements.lock)
+setup: $(DEPS_STAMP) ## Create .venv and install the locked dependencies with uv (once per pyproject.toml + requirements.lock)
 
-$(DEPS_STAMP): pyproject.toml requirements.lock
+# The same install in the images (docker/*.Dockerfile) and CI. uv links from its cache: a
+# second clone installs in seconds. Without uv (no index to fetch it from), pip, said once.
+UV_INSTALL = { test -x $(PY) || $(UV) venv --quiet --seed --python $(PYTHON) $(VENV); } \
+  && $(UV) pip install --quiet --python $(PY) -e '.[dev]' -c requirements.lock
+PIP_INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } \
+  && { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null; } \
+  && $(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' -c requirements.lock
+$(DEPS_STAMP):
 	@test -n "$(PYTHON)" || { echo "error: python3.11 not found on PATH" >&2; exit 1; }
 	@echo "Installing dependencies into $(VENV) (first run only)..."
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' -c requirements.lock
+	@if [ "$(INSTALLER)" = uv ] && why="$$($(UV) --version 2>&1 >/dev/null)"; then \
+	  $(UV_INSTALL); \
+	else \
+	  echo "$${why:-INSTALLER=$(INSTALLER)}: installing with pip instead" >&2; \
+	  $(PIP_INSTALL); \
+	fi
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
 	  $(BIN)/pre-commit install >/dev/null || echo "warning: git hook not installed (pre-commit install failed)" >&2; \
 	fi
 	@rm -f $(VENV)/.deps-*
 	@touch $@
 
-# The lock: every package of the environment pinned, for Linux x86_64 + Python 3.11, resolved
-# from pyproject.toml (dev extra included) through pip's own configuration (PIP_INDEX_URL,
-# PIP_FIND_LINKS, pip.conf), so it works offline against a mirror. Pins already in the lock
-# are kept (the same inputs give the same file); UPGRADE=1 moves every pin to the newest.
-# Constraints only: no extras (--strip-extras) and no hashes, because hashes would pin one
-# build of torch (the local CPU wheel here, a CUDA one elsewhere). pip stays the venv's own.
-# Local version labels (torch's +cpu) are dropped: any build of that version satisfies it.
-# Not after `setup`: a pin changed in pyproject.toml may conflict with the old lock.
-lock: ## Pin the whole environment in requirements.lock from pyproject.toml (UPGRADE=1: newest releases)
-	@test -x $(BIN)/pip-compile || { echo "error: $(BIN)/pip-compile not found: run make setup first" >&2; exit 2; }
-	@$(PY) -c 'import platform as p, sys; (sys.platform, p.machine(), sys.version_info[:2]) == ("linux", "x86_64", (3, 11)) or (print(f"error: requirements.lock is for Linux x86_64 + Python 3.11, not {p.system()} {p.machine()} + Python {p.python_version()}", file=sys.stderr), sys.exit(2))'
-	CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --extra dev --strip-extras \
-	  --unsafe-package pip --no-emit-options $(if $(UPGRADE),--upgrade) \
+# In DVC's copy: the environment must already match the copy's dependencies (see IN_DVC_COPY).
+deps-check:
+	@test -f $(DEPS_STAMP) || { echo "error: $(VENV) is not set up for this experiment's pyproject.toml and requirements.lock (an experiment never installs into it): run \`make setup\` in $(DVC_ROOT) and run the experiment again" >&2; exit 2; }
+
+# The lock: every package of the environment pinned for Python 3.11 on every platform (one
+# universal resolution; pyproject.toml's [tool.uv] requires wheels for Linux x86_64, Linux
+# aarch64 and macOS arm64), resolved from pyproject.toml (dev extra included) on the primary
+# index (pip's index-url, PyPI unless set), where every platform's wheels are: extra indexes
+# and find-links (a local torch build, say) serve installs, not the lock. Pins already in the
+# lock are kept (the same inputs give the same file); UPGRADE=1 moves every pin to the newest.
+# Constraints only, with environment markers: no extras and no hashes, because hashes would
+# pin one build of torch (CUDA, CPU or ROCm). pip stays the venv's own. Local version labels
+# (+cpu) are dropped, and so is the marker every line would carry (Python < 3.12).
+lock: ## Pin the whole environment for every platform in requirements.lock from pyproject.toml (UPGRADE=1: newest releases)
+	@test -n "$(PYTHON)" || { echo "error: python3.11 not found on PATH" >&2; exit 2; }
+	@why="$$($(UV) --version 2>&1 >/dev/null)" || { echo "error: make lock needs uv: $$why" >&2; exit 2; }
+	$(UV) --lock-indexes pip compile --quiet --universal --python-version 3.11 --extra dev \
+	  --no-emit-package pip --custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) \
 	  --output-file requirements.lock pyproject.toml
-	@sed -E -i 's/^([A-Za-z0-9._-]+==[^+[:space:]]+)\+[A-Za-z0-9.]+/\1/' requirements.lock
+	@sed -E -i -e 's/^([A-Za-z0-9._-]+==[^+;[:space:]]+)\+[A-Za-z0-9.]+/\1/' \
+	  -e "s/ ; python_full_version < '3\.12'$$//" -e "s/ ; python_full_version < '3\.12' and / ; /" requirements.lock
 
 data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw exists)
 	@if [ -d $(RAW_DIR) ]; then \

@@ -35,19 +35,26 @@ RUN groupadd --gid "${NON_ROOT_GID}" "${NON_ROOT_USER}" \
     && mkdir /workspace \
     && chown "${NON_ROOT_UID}:${NON_ROOT_GID}" /workspace
 
-# Dependencies before the code: a code-only change rebuilds in seconds. docker/wheels/gpu
-# holds local wheels you put there (say, a torch for your CUDA version); pip's cache persists across
-# builds; the system CA store is trusted (say, a proxy's CA added to the base image).
+# Dependencies before the code: a code-only change rebuilds in seconds. The install is
+# make setup's: the pinned uv (make/uv.py installs it with pip into a cache mount) from
+# requirements.lock (`make lock`: every transitive version; torch's line carries no local
+# label, so the build that /wheels or TORCH_INDEX_URL offers installs). docker/wheels/gpu
+# holds local wheels you put there (say, a torch for your CUDA version).
+# uv's cache persists across builds; it copies from there (a cache mount is another file
+# system) and compiles the bytecode once, here, not at every container start. The system CA
+# store is trusted (say, a proxy's CA added to the base image).
 COPY --from=requirements /requirements.txt /tmp/requirements.txt
-# requirements.lock (`make lock`) fixes every transitive version; torch's line carries no
-# local label (+cpu, +cu130), so the build that find-links or TORCH_INDEX_URL offers installs.
 COPY requirements.lock /tmp/requirements.lock
-RUN --mount=type=cache,target=/root/.cache/pip \
+COPY make/uv.py /tmp/uv.py
+RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=cache,target=/root/.cache/imgpipe \
     --mount=type=bind,source=docker/wheels/gpu,target=/wheels \
     python3 -m venv "${VIRTUAL_ENV}" \
-    && pip install --cert /etc/ssl/certs/ca-certificates.crt --find-links /wheels \
-        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} -r /tmp/requirements.txt \
-        -c /tmp/requirements.lock
+    && PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+       UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy \
+       python3 /tmp/uv.py pip install --quiet --python "${VIRTUAL_ENV}/bin/python" --find-links /wheels \
+        ${TORCH_INDEX_URL:+--extra-index-url "${TORCH_INDEX_URL}"} --index-strategy unsafe-best-match \
+        -r /tmp/requirements.txt -c /tmp/requirements.lock
 
 WORKDIR /workspace
 COPY conf/ conf/

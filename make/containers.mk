@@ -135,8 +135,7 @@ SERVER_CMD = $(if $(filter docker podman,$(SERVER_RUNTIME)),$(call container,$(S
   --name $(IMAGE_NAME)-mlflow-$(MLFLOW_PORT) $(MLFLOW_IMAGE) mlflow server,\
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false} $(BIN)/mlflow server)
 
-# Wheels in pip's PIP_FIND_LINKS folders are linked into the CPU image's build context
-# (docker/wheels/cpu), so it installs torch from them instead of downloading it.
-link_wheels = $(if $(GPU),:,for dir in $${PIP_FIND_LINKS:-}; do [ -d "$$dir" ] || continue; \
-  for whl in "$$dir"/*.whl; do [ -e "$$whl" ] || continue; \
-  ln -f "$$whl" docker/wheels/cpu/ 2>/dev/null || cp -f "$$whl" docker/wheels/cpu/; done; done)
+# The wheels of the lock's versions that pip's configuration finds on this machine's disk
+# (find-links folders, file:// indexes) are linked into the CPU image's build context
+# (docker/wheels/cpu), so the build installs torch from them instead of downloading it.
+link_wheels = $(if $(GPU),:,$(PYTHON) make/uv.py --link-wheels docker/wheels/cpu requirements.lock)
