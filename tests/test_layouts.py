@@ -435,3 +435,52 @@ def test_fast_and_pillow_only_processing_write_the_same_arrays(tmp_path: Path) -
     for name in ("train", "val", "test"):
         fast = np.load(tmp_path / "fast" / f"{name}_images.npy")
         np.testing.assert_array_equal(fast, np.load(tmp_path / "pillow" / f"{name}_images.npy"))
+
+
+# --------------------------------------------------------------------------- photos resized down
+
+
+def _photos(root: Path, count: int) -> Path:
+    """JPEG photos of mixed sizes around 1, 2, 4 and 8+ times (24, 32): every DCT scale,
+    grey and RGB, baseline and progressive, 4:2:0 and 4:4:4; over a chunk, so that two
+    workers share the work."""
+    sizes = [(260, 200), (130, 100), (70, 50), (40, 30), (300, 100), (65, 97)]
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        options = {"quality": 85, "progressive": i % 3 == 0, "subsampling": 0 if i % 4 else 2}
+        split = "test" if i % 5 == 0 else "train"
+        pixels = _gradient(height, width, 1 if i % 7 == 0 else 3, i)
+        _save(root / split / "ab"[i % 2] / f"{i:04d}.jpg", pixels, **options)
+    return root
+
+
+def test_photos_resized_down_decode_at_a_reduced_scale_the_same_everywhere(
+    tmp_path: Path,
+) -> None:
+    raw = _photos(tmp_path / "raw", 300)
+    settings = {"image_size": (24, 32), "image_mode": "RGB"}
+    meta = process_dataset(raw, tmp_path / "one", num_workers=1, **settings)
+    process_dataset(raw, tmp_path / "two", num_workers=2, **settings)
+    process_dataset(raw, tmp_path / "pillow", num_workers=2, fast_decoders=False, **settings)
+    assert "1/2, 1/4 or 1/8" in meta["preprocessing"]["jpeg_scaling"]
+
+    test = sorted((raw / "test").rglob("*.jpg"), key=lambda p: (p.parent.name, p.name))
+    one = np.load(tmp_path / "one" / "test_images.npy")
+    for name in ("train", "val", "test"):
+        a = np.load(tmp_path / "one" / f"{name}_images.npy")
+        for other in ("two", "pillow"):  # any number of workers, either decoder
+            np.testing.assert_array_equal(a, np.load(tmp_path / other / f"{name}_images.npy"))
+
+    # The documented rule, done by hand with Pillow: draft (1/2, 1/4, 1/8 while both sides
+    # stay >= the target), convert, then the usual resize. A full-size decode differs a little.
+    full = []
+    for path, got in zip(test, one, strict=True):
+        with Image.open(path) as im:
+            im.draft(None, (32, 24))
+            expected = im.convert("RGB").resize(
+                (32, 24), Image.Resampling.BILINEAR, reducing_gap=None
+            )
+        np.testing.assert_array_equal(got, np.asarray(expected), err_msg=str(path))
+        full.append(_pillow_pixels(path, (24, 32), "RGB"))
+    difference = np.abs(one.astype(int) - np.stack(full).astype(int))
+    assert difference.any()  # the rule was exercised: these are not full-size decodes

@@ -19,6 +19,13 @@ messages stay the only ones users meet:
 
 A missing wheel leaves Pillow alone at work. Neither applies EXIF orientation; nor does
 Pillow's loader.
+
+A JPEG that is resized down is decoded at a reduced scale first (``dct_scale``: JPEG's
+DCT scaling, 1/2, 1/4 or 1/8, the smallest scale that still leaves the image at least
+the target size in both sides; Pillow's ``draft`` rule), then resized as any image. Most
+of a large photo's decode is skipped; the pixels differ slightly from a full-size decode
+plus resize, and are the same from simplejpeg and Pillow (tests/test_layouts.py), so they
+depend on the file and the target alone, never on the decoder or the worker.
 """
 
 from __future__ import annotations
@@ -108,8 +115,20 @@ def _decode_png(path: str, data: bytes, max_pixels: int) -> tuple[np.ndarray, st
     return pixels, mode
 
 
+def dct_scale(size: tuple[int, int], target: tuple[int, int]) -> int:
+    """The JPEG decode scale denominator (1, 2, 4 or 8) for an image of ``size`` (width,
+    height) resized to ``target``: the largest that keeps both sides >= the target's.
+    The same rule as Pillow's ``JpegImageFile.draft``, so both decoders agree."""
+    most = min(size[0] // target[0], size[1] // target[1])
+    return next((s for s in (8, 4, 2) if most >= s), 1)
+
+
 def _decode_jpeg(
-    path: str, data: bytes, max_pixels: int, out: np.ndarray | None
+    path: str,
+    data: bytes,
+    max_pixels: int,
+    out: np.ndarray | None,
+    reduce_to: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, str] | None:
     simplejpeg = _module("simplejpeg")
     if simplejpeg is None or not data.startswith(b"\xff\xd8\xff"):
@@ -122,11 +141,21 @@ def _decode_jpeg(
     if modes is None:
         return None
     check_pixels(path, width, height, max_pixels)
+    scale = dct_scale((width, height), reduce_to) if reduce_to else 1
+    # libjpeg-turbo picks the smallest of its scales (n/8) whose size is >= these: 1/scale.
+    height, width = -(-height // scale), -(-width // scale)
     channels = 1 if modes[0] == "L" else 3
     if out is not None and out.shape != (height, width, channels):
         out = None
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace=modes[1], strict=True, buffer=out)
+        pixels = simplejpeg.decode_jpeg(
+            data,
+            colorspace=modes[1],
+            strict=True,
+            buffer=out,
+            min_height=height if scale > 1 else 0,
+            min_width=width if scale > 1 else 0,
+        )
     except ValueError:
         return None
     return (pixels[..., 0] if modes[0] == "L" else pixels), modes[0]
@@ -154,9 +183,15 @@ def _read(path: str) -> bytes | None:
 
 
 def decode_fast(
-    path: str, max_pixels: int, out: np.ndarray | None = None
+    path: str,
+    max_pixels: int,
+    out: np.ndarray | None = None,
+    reduce_to: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, str] | None:
     """Pixels (H, W) or (H, W, 3) uint8 and their mode, L or RGB, or None: use Pillow.
+
+    ``reduce_to`` (width, height): the size the caller resizes to; a JPEG at least twice
+    as large is decoded at the reduced scale ``dct_scale`` names (smaller pixels returned).
 
     A JPEG whose pixels fit ``out`` (H, W, C) exactly is decoded into it, saving two
     copies of each image (a tenth of a 128x128 JPEG's processing); the pixels returned are
@@ -172,4 +207,4 @@ def decode_fast(
         return None
     if fmt == "PNG":
         return _decode_png(path, data, max_pixels)
-    return _decode_jpeg(path, data, max_pixels, out)
+    return _decode_jpeg(path, data, max_pixels, out, reduce_to)

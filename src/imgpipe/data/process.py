@@ -67,6 +67,8 @@ def _channels(mode: str) -> int:
 # How an image is resized when image_size is set: one filter for every image, whatever
 # its size, so the result depends on the file alone (never on the worker that decodes it).
 RESIZE_FILTER = "BILINEAR"
+# Before that resize, a JPEG is decoded at a reduced DCT scale (decoders.dct_scale).
+JPEG_SCALING = "JPEG decoded at 1/2, 1/4 or 1/8 scale, the smallest still >= image_size"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,18 @@ class Target:
     resize: bool = False
     convert: bool = False
     fast: bool = True  # the fast decoders where they apply (``decoders``); False: Pillow only
+
+    @property
+    def reduce_to(self) -> tuple[int, int] | None:
+        """The size a JPEG may be decoded towards at a reduced scale (``decoders.dct_scale``)
+        before the resize: only when every image is resized to the target."""
+        return self.size if self.resize else None
+
+    def draft(self, im) -> None:
+        """Pillow's own reduced-scale JPEG decode (before ``load``), by the same rule; a
+        no-op for other formats (MPO, a JPEG with more frames, takes it like a JPEG)."""
+        if self.resize:
+            im.draft(None, self.size)
 
     def fit(self, im, path: str) -> bytes:
         """An L or RGB image converted, then resized, into the target; or the error."""
@@ -116,7 +130,7 @@ def _decode_pixels(path: str, target: Target, out: np.ndarray | None = None) -> 
     interface, are a sizeable share of a small PNG's decode (bench/NOTES.md).
     """
     try:
-        fast = decode_fast(path, target.max_pixels, out) if target.fast else None
+        fast = decode_fast(path, target.max_pixels, out, target.reduce_to) if target.fast else None
         if fast is not None:
             pixels, mode = fast
             got = (pixels.shape[1], pixels.shape[0])
@@ -130,6 +144,7 @@ def _decode_pixels(path: str, target: Target, out: np.ndarray | None = None) -> 
             return target.fit(Image.fromarray(pixels), path)
         with open_image(path, target.max_pixels) as im:
             target.check_size(im.size, path)
+            target.draft(im)
             if im.mode == target.mode and im.size == target.size:
                 return im.tobytes()
             converted = _to_dataset_mode(im, path)
@@ -145,6 +160,7 @@ def decode_image_data(data: bytes, fmt: str, name: str, target: Target) -> bytes
     try:
         with open_image_data(data, fmt, name, target.max_pixels) as im:
             target.check_size(im.size, name)
+            target.draft(im)
             if im.mode == target.mode and im.size == target.size:
                 return im.tobytes()
             converted = _to_dataset_mode(im, name)
@@ -361,6 +377,7 @@ def process_dataset(
                 "image_size": list(image_size) if image_size else None,
                 "image_mode": image_mode,
                 "resize_filter": f"PIL.Image.Resampling.{RESIZE_FILTER}, reducing_gap=None",
+                "jpeg_scaling": JPEG_SCALING if image_size else None,
                 "order": "convert to image_mode, then resize to image_size (height, width)",
             },
         )
