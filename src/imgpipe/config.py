@@ -16,7 +16,9 @@ strings. The entry points, ``imgpipe`` subcommands and the sweep all take this o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import platform
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -104,15 +106,20 @@ class TrainConfig:
     mlflow_run_name: str = "train"
     mlflow_outage_wait_s: float = 120.0
     mlflow_registered_model_name: str | None = None
+    # The seed's names, both kept: data_dir_path follows processed_data_dir_path (the
+    # process_data stage's key) and model_checkpoint_dir_path follows artifact_dir_path,
+    # through ${...} in conf/train_model.yaml, so one value sets both.
+    processed_data_dir_path: str = "data/processed"  # process_data's: data_dir_path's default
     data_dir_path: str = "data/processed"
     model_checkpoint_interval: int = 1
+    artifact_dir_path: str = "models"
     model_checkpoint_dir_path: str = "models"
     live_dir_path: str = "dvclive"
     live_images: bool = True  # PNGs of the plots at the end (imgpipe.plots): no result changes
     resume: bool = False
     log_dir: str = "./logs"
-    no_cuda: bool = False
-    no_mps: bool = False
+    no_cuda: bool | None = None  # deprecated (one release): mapped onto device
+    no_mps: bool | None = None  # deprecated (one release): mapped onto device
     device: str = "auto"
     bf16: bool = _changes(TRAJECTORY, False)
     compile: bool = _changes(TRAJECTORY, False)
@@ -125,6 +132,7 @@ class TrainConfig:
     memory_budget_mb: int | None = None
 
     def __post_init__(self) -> None:
+        _device_from_seed_keys(self)
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(self.device in DEVICES, "device", self.device, "one of " + ", ".join(DEVICES))
         _check(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]")
@@ -164,6 +172,42 @@ class TrainConfig:
             "mlflow_registered_model_name",
             self.mlflow_registered_model_name,
             "null or a non-empty name without quotes",
+        )
+
+
+def _device_from_seed_keys(cfg: TrainConfig) -> None:
+    """The seed's ``no_cuda``/``no_mps`` (deprecated) as the one ``device`` key: what
+    ``auto`` would pick without them. Said once per process, in one line."""
+    given = {k: v for k in ("no_cuda", "no_mps") if (v := getattr(cfg, k)) is not None}
+    if not given:
+        return
+    cfg.no_cuda = cfg.no_mps = None
+    apple = platform.system() == "Darwin" and platform.machine() == "arm64"  # MPS is there
+    before = cfg.device
+    if before == "auto" and given.get("no_cuda") and (given.get("no_mps") or not apple):
+        cfg.device = "cpu"
+    elif before == "auto" and given.get("no_cuda"):
+        cfg.device = "mps"
+    elif before == "auto" and given.get("no_mps") and apple:
+        cfg.device = "cpu"
+    deprecated(
+        ", ".join(f"{k}={str(v).lower()}" for k, v in given.items()),
+        f"device={cfg.device}" + (" (unchanged)" if cfg.device == before else ""),
+    )
+
+
+_SAID: set[str] = set()
+
+
+def deprecated(old: str, new: str) -> None:
+    """One warning line per old spelling per process: it works this release, not the next."""
+    if old not in _SAID:
+        _SAID.add(old)
+        logging.getLogger("imgpipe.config").warning(
+            "config %s is deprecated and will stop working in the next release: "
+            "taken as %s (set that instead)",
+            old,
+            new,
         )
 
 
@@ -300,6 +344,7 @@ def compose_stage(
     An unknown key, a wrong type, a bad override or an unreadable params file raises
     ``PipelineError`` with one line naming the key and the file.
     """
+    import yaml
     from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
@@ -329,6 +374,11 @@ def compose_stage(
             )
     except (HydraException, OmegaConfBaseException) as exc:
         raise PipelineError(_one_line(exc, source, schema)) from None
+    except yaml.YAMLError as exc:  # a conf/ file that is not YAML (a duplicate key, say)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"conf/{Path(mark.name).name} line {mark.line + 1}" if mark else f"conf/{stage}"
+        raise PipelineError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+
 
 
 def load_stage_config(
