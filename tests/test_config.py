@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, error_lines, run_script
+from helpers import error_lines
 from imgpipe.config import TrainConfig, compose_params
 from imgpipe.errors import PipelineError
+from imgpipe.testing import REPO, run_script
 
 
 def test_committed_params_yaml_matches_conf() -> None:
@@ -92,3 +93,30 @@ def test_bad_params_file_names_the_file(tmp_path: Path) -> None:
     result = run_script("train_model.py", cwd=tmp_path, env={"IMGPIPE_PARAMS_FILE": str(params)})
     assert result.returncode == 2
     assert str(params) in error_lines(result.stderr)[0]
+
+
+def test_the_configuration_reference_is_generated_from_the_schema() -> None:
+    """docs/configuration.md cannot drift: regenerate it with `imgpipe config reference`."""
+    from imgpipe.config import SCHEMAS
+    from imgpipe.reference import configuration_reference
+
+    page = (REPO / "docs" / "configuration.md").read_text()
+    assert page == configuration_reference(), "run `imgpipe config reference`"
+    for schema in SCHEMAS.values():  # every key a stage accepts is on the page
+        for name in schema.__dataclass_fields__:
+            assert f"| `{name}` |" in page
+
+
+def test_a_conf_file_that_is_not_yaml_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    import imgpipe.config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(REPO / "conf", conf)
+    (conf / "train_model.yaml").write_text(
+        (conf / "train_model.yaml").read_text() + "lr: 2.0\n"  # lr twice
+    )
+    monkeypatch.setattr(imgpipe.config, "conf_dir", lambda: conf)
+    with pytest.raises(PipelineError, match=r"^conf/train_model.yaml line \d+: invalid YAML"):
+        imgpipe.config.load_stage_config("train_model")
