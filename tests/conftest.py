@@ -1,43 +1,18 @@
-"""Shared fixtures: real sample data, a real `mlflow server`, a throw-away copy of the project
-(the last two are thin wrappers over imgpipe.testing, the harness the bench uses too)."""
+"""Shared fixtures, and only fixtures: real sample data, a real `mlflow server`, a throw-away
+copy of the project, a Docker engine that answers. The helpers tests call are in
+tests/helpers.py; the harness shared with the bench is imgpipe.testing."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from helpers import IN_CI, answering_docker, write_dataset
 from imgpipe import testing
 from imgpipe.data import export_sample_digits, process_dataset
-from imgpipe.testing import (
-    REPO,
-    VENV,
-    copy_project,
-    dvc,
-    free_port,
-    make,
-    project_env,
-    run_script,
-)
-
-# The test modules import the harness's helpers from here, beside the fixtures.
-__all__ = [
-    "REPO",
-    "VENV",
-    "copy_project",
-    "dvc",
-    "free_port",
-    "make",
-    "project_env",
-    "run_script",
-]
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @pytest.fixture(autouse=True)
@@ -55,10 +30,6 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DO_NOT_TRACK", "true")
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
-
 @pytest.fixture(scope="session")
 def sample_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sample") / "raw"
@@ -71,36 +42,6 @@ def sample_processed(sample_raw: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("sample") / "processed"
     process_dataset(sample_raw, out, num_workers=2)
     return out
-
-
-def write_dataset(root: Path, splits: dict[str, list[tuple[str, np.ndarray]]]) -> Path:
-    """Write ``{split: [(label, pixels), ...]}`` in the raw layout with Pillow."""
-    for split, items in splits.items():
-        rows = ["filepath,label"]
-        for i, (label, pixels) in enumerate(items):
-            rel = f"{split}/{label}/{i:05d}.png"
-            (root / split / label).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(root / rel)
-            rows.append(f"{rel},{label}")
-        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return root
-
-
-def carve_val_rows(rows: list[str], fraction: float = 0.1) -> tuple[list[str], list[str]]:
-    """A train.csv's ``filepath,label`` rows split into (train, val) as process_data carves
-    val, recomputed here from the paths alone (imgpipe.data.val_split's rule): per class,
-    the rows whose sha256("imgpipe-val:" + filepath) is smallest, round-half-up(n * fraction)
-    of them, at least 1 and at most n - 1. Both keep the listing order."""
-    by_label: dict[str, list[str]] = {}
-    for row in rows:
-        by_label.setdefault(row.split(",")[1], []).append(row)
-    to_val: set[str] = set()
-    for members in by_label.values():
-        n = len(members)
-        k = 0 if n < 2 else min(n - 1, max(1, int(n * fraction + 0.5)))
-        key = lambda row: hashlib.sha256(f"imgpipe-val:{row.split(',')[0]}".encode()).hexdigest()  # noqa: E731
-        to_val.update(sorted(members, key=key)[:k])
-    return [r for r in rows if r not in to_val], [r for r in rows if r in to_val]
 
 
 @pytest.fixture
@@ -124,4 +65,16 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    return copy_project(tmp_path / "project")
+    return testing.copy_project(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> str:
+    """The docker client of an engine that already runs (as .ci/run leaves it); skipped
+    without one, a failure under CI=true."""
+    found = answering_docker()
+    if found:
+        return found
+    if IN_CI:
+        pytest.fail("CI must have a Docker engine (docker info failed): .ci/run starts one")
+    pytest.skip("no Docker engine answers")

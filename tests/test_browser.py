@@ -24,9 +24,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from conftest import IN_CI, copy_project, error_lines, free_port, make, project_env
+from helpers import IN_CI, error_lines
 from imgpipe import testing
 from imgpipe.plots import plot_files
+from imgpipe.testing import copy_project, free_port, make, project_env
 
 pytestmark = pytest.mark.slow
 

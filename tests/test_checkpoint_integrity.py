@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import error_lines, run_script
+from helpers import error_lines
 from imgpipe import checkpoint, torchfile
 from imgpipe.config import TrainConfig
 from imgpipe.errors import PipelineError
-from imgpipe.testing import run_outputs, train_config
+from imgpipe.testing import run_outputs, run_script, train_config
 from imgpipe.train import train
 
 

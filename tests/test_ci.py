@@ -5,14 +5,14 @@ client that lacks it. Both ask make/buildkit-client which client has BuildKit.""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, REPO, error_lines, make
+from helpers import IN_CI, answering_docker, error_lines
+from imgpipe.testing import REPO, make
 
 # What Docker's own client prints when BuildKit is on and the buildx plugin is missing: the
 # message users must never see from `make build`.
@@ -99,31 +99,13 @@ def ci_dry_run(state: Path, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def engine_answers() -> bool:
-    return any(
-        shutil.which(client)
-        and subprocess.run([client, "info"], capture_output=True).returncode == 0
-        for client in ("docker", "/usr/bin/docker")
-    )
-
-
-@pytest.fixture(scope="module")
-def engine() -> None:
-    """An engine that already runs, as .ci/run meets it on most machines."""
-    if engine_answers():
-        return
-    if IN_CI:
-        pytest.fail("CI must have a Docker engine (docker info failed): .ci/run starts one")
-    pytest.skip("no Docker engine answers")
-
-
 def image_exists(image: str) -> bool:
     docker = os.environ.get("DOCKER", "docker")
     return subprocess.run([docker, "image", "inspect", image], capture_output=True).returncode == 0
 
 
 def test_ci_run_uses_a_running_engine_and_makes_its_state_folder(
-    engine: None, project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    docker_engine: str, project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("DOCKER", raising=False)
     state = tmp_path / "state"  # absent: the engine was started by something else
@@ -143,11 +125,11 @@ def test_ci_run_uses_a_running_engine_and_makes_its_state_folder(
         log = (state / "debootstrap.log").read_text()
         assert "CI: would run: as_root debootstrap --variant=minbase" in log, log
         assert "CI: would run: make test" in result.stdout
-    assert engine_answers()
+    assert answering_docker()
     assert not image_exists(base)
 
 
-def test_ci_run_keeps_a_base_image_that_exists(engine: None, tmp_path: Path) -> None:
+def test_ci_run_keeps_a_base_image_that_exists(docker_engine: str, tmp_path: Path) -> None:
     base = os.environ.get("BASE_IMAGE", "localhost/imgpipe-base:bookworm")
     if not image_exists(base):
         if IN_CI:
@@ -158,7 +140,7 @@ def test_ci_run_keeps_a_base_image_that_exists(engine: None, tmp_path: Path) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"CI: base image {base} present" in result.stdout
     assert not (state / "debootstrap.log").exists()
-    assert engine_answers()
+    assert answering_docker()
 
 
 def test_ci_run_without_an_engine_would_start_one_with_its_state(tmp_path: Path) -> None:

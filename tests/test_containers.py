@@ -21,9 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, VENV, copy_project, dvc, error_lines, free_port, make, project_env
+from helpers import IN_CI, error_lines
 from imgpipe.data import export_sample_digits
-from imgpipe.testing import stop, wait_until_healthy
+from imgpipe.testing import (
+    VENV,
+    copy_project,
+    dvc,
+    free_port,
+    make,
+    project_env,
+    stop,
+    wait_until_healthy,
+)
 
 DOCKER = os.environ.get("DOCKER", "docker")
 UID, GID = os.getuid(), os.getgid()
@@ -220,16 +229,6 @@ def test_build_and_push_refuse_incomplete_settings(
 
 
 @pytest.fixture(scope="module")
-def engine() -> str:
-    found = shutil.which(DOCKER)
-    if found and subprocess.run([found, "info"], capture_output=True).returncode == 0:
-        return found
-    if IN_CI:
-        pytest.fail(f"CI must have a Docker engine ({DOCKER} info failed): .ci/run starts one")
-    pytest.skip("no Docker engine answers")
-
-
-@pytest.fixture(scope="module")
 def caller() -> pwd.struct_passwd:
     """The non-root user the stages run as."""
     if UID != 0:
@@ -287,7 +286,7 @@ def as_caller(user: pwd.struct_passwd, cmd: list[str], cwd: Path, home: Path, **
 
 
 @pytest.fixture(scope="module")
-def built(engine: str) -> Iterator[Path]:
+def built(docker_engine: str) -> Iterator[Path]:
     """`make build` from a copy of the project (BASE_IMAGE from the environment, as in CI)."""
     root = shared_dir("imgpipe-build-")
     copy = copy_project(root / "project")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -11,16 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import carve_val_rows, error_lines, run_script, write_dataset
+from helpers import carve_val_rows, error_lines, tree_digest, write_dataset
 from imgpipe.data import encode_png_gray, export_sample_digits, load_processed, process_dataset
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+from imgpipe.testing import run_script
 
 
 def test_png_encoder_round_trips_through_pillow() -> None:

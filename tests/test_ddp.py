@@ -18,12 +18,12 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, dvc, error_lines, free_port, make
+from helpers import assert_same_weights, error_lines
 from imgpipe import checkpoint
 from imgpipe.distributed import Group, first_message
 from imgpipe.errors import PipelineError
 from imgpipe.sweep.worker import gpu_for_worker, visible_gpus
-from imgpipe.testing import run_outputs, train_config
+from imgpipe.testing import REPO, dvc, free_port, make, run_outputs, train_config
 from imgpipe.train import train
 
 EPOCHS = 10  # enough for 1 and 2 processes to agree on test accuracy within half a point
@@ -103,10 +103,6 @@ class Launch:
         return "\n".join(self.lines)
 
 
-def weights(root: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load(root / "models" / checkpoint.MODEL_FILE)["state_dict"]
-
-
 def history(root: Path, store: Path) -> dict[str, list[tuple[int, float]]]:
     """Each metric's (step, value) pairs in the MLflow run the final checkpoint names."""
     from mlflow import MlflowClient
@@ -130,10 +126,9 @@ def runs_in(experiment: str, store: Path) -> list:
 
 
 def assert_same_training(root: Path, straight: Path, store: Path) -> None:
-    a, b = weights(root), weights(straight)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_same_weights(
+        root / "models" / checkpoint.MODEL_FILE, straight / "models" / checkpoint.MODEL_FILE
+    )
     logged = history(root, store)
     assert logged == history(straight, store)
     for name, points in logged.items():  # once per epoch (test only after the last one)

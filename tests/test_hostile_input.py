@@ -7,7 +7,6 @@ Excel writes (a CSV with a byte-order mark) is accepted.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import struct
@@ -18,19 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import dvc, error_lines, run_script
+from helpers import error_lines, tree_digest
 from imgpipe.data import process_dataset
+from imgpipe.testing import dvc, run_script
 
 # A run that hangs (a FIFO opened) fails the test instead of the suite.
 TIMEOUT = 120
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def process(raw: Path, out: Path, cwd: Path, *overrides: str, env: dict | None = None):

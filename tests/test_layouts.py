@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import carve_val_rows, error_lines, run_script, write_dataset
+from helpers import carve_val_rows, error_lines, write_dataset
 from imgpipe.data import load_processed, process_dataset
 from imgpipe.data.decoders import decode_fast
 from imgpipe.data.processed import write_subset
 from imgpipe.errors import PipelineError
-from imgpipe.testing import train_config
+from imgpipe.testing import run_script, train_config
 
 
 def _rows(raw: Path, split: str) -> list[str]:

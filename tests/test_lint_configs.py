@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, VENV
+from imgpipe.testing import REPO, VENV
 
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))

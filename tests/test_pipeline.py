@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import dvc, make
+from imgpipe.testing import dvc, make
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, make, project_env
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.stop import launchers
-from imgpipe.testing import run_outputs
+from imgpipe.testing import REPO, make, project_env, run_outputs
 from imgpipe.train import METRIC_NAMES
 from test_resume import assert_same_run, in_dir, run_to_end, start_training
 from test_sweep import load_study, sweep_args

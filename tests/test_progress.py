@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from imgpipe import progress
 from imgpipe.errors import PipelineError
+from imgpipe.testing import REPO
 
 # A redraw: a carriage return that does not end a line (the terminal turns "\n" into "\r\n").
 REDRAW = re.compile(r"\r(?!\n)")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_project, error_lines, free_port, make, run_script
+from helpers import error_lines
+from imgpipe.testing import copy_project, free_port, make, run_script
 
 pytestmark = pytest.mark.slow
 

@@ -15,15 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from conftest import REPO, dvc, make, project_env
+from helpers import assert_same_weights
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.data import process_dataset
 from imgpipe.errors import PipelineError
-from imgpipe.testing import run_outputs, train_config
+from imgpipe.testing import REPO, dvc, make, project_env, run_outputs, train_config
 from imgpipe.train import METRIC_NAMES, train
 
 KILL_MOMENTS = 10
@@ -39,17 +38,6 @@ def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch)
 
 def in_dir(cfg: TrainConfig, root: Path, **changes) -> TrainConfig:
     return replace(cfg, **run_outputs(root), **changes)
-
-
-def weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    return checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "model.pt")["state_dict"]
-
-
-def assert_same_weights(a: TrainConfig, b: TrainConfig) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
 
 
 def run_history(cfg: TrainConfig) -> dict[str, list[tuple[int, float]]]:

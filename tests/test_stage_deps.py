@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from imgpipe.config import result_keys
+from imgpipe.testing import REPO
 
 SRC = REPO / "src"
 # Each stage's entry point, and the parts of the package it cannot reach on the
@@ -26,7 +26,6 @@ ENTRY_POINTS = {
     "process_data": ("src/process_data.py", ()),
     "train": ("src/train_model.py", ("imgpipe.sweep",)),
     "sweep": ("src/train_model.py", ()),
-    "predict": ("src/predict.py", ()),
 }
 
 

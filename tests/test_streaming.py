@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from imgpipe import checkpoint
+from helpers import assert_same_weights
 from imgpipe.config import TrainConfig
 from imgpipe.data import ProcessedData, Split, load_processed
 from imgpipe.engine import TensorSplit, evaluate, train_one_epoch
@@ -25,17 +25,6 @@ from imgpipe.testing import run_outputs, train_config
 from imgpipe.train import train
 
 CPU = torch.device("cpu")
-
-
-def weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    return checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "model.pt")["state_dict"]
-
-
-def assert_same_weights(a: TrainConfig, b: TrainConfig) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        assert torch.equal(wa[name], wb[name]), name
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import IN_CI, REPO, error_lines, run_script
+from helpers import IN_CI, error_lines
+from imgpipe.testing import REPO, run_script
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, REPO
+from helpers import IN_CI
+from imgpipe.testing import REPO
 
 pytestmark = pytest.mark.slow
 

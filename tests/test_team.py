@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IN_CI, REPO, VENV, copy_project, dvc, error_lines, make, run_script
-from imgpipe.testing import free_port
+from helpers import IN_CI, error_lines
+from imgpipe.testing import REPO, VENV, copy_project, dvc, free_port, make, run_script
 
 pytestmark = pytest.mark.slow
 

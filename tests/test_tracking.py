@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import error_lines, free_port, run_script
+from helpers import error_lines
+from imgpipe.testing import free_port, run_script
 from imgpipe.tracking import Tracker, redact_url, resolve_tracking_uri
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VENV, free_port
 from imgpipe import checkpoint
 from imgpipe.testing import (
+    VENV,
     entry_point,
+    free_port,
     run_outputs,
     server_command,
     server_env,

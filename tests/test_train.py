@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import model_weights
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.data import load_processed
@@ -24,16 +25,12 @@ def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch)
     return train_config(sample_processed, tmp_path, epochs=3, setup_mlflow=False)
 
 
-def final_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    return checkpoint.load(Path(cfg.model_checkpoint_dir_path) / "model.pt")["state_dict"]
-
-
 def test_same_seed_gives_identical_models_and_metrics(cfg: TrainConfig, tmp_path: Path) -> None:
     first = train(cfg).objectives
-    weights = final_weights(cfg)
+    weights = model_weights(cfg)
     again = replace(cfg, model_checkpoint_dir_path=str(tmp_path / "models2"))
     assert train(again).objectives == first
-    for name, tensor in final_weights(again).items():
+    for name, tensor in model_weights(again).items():
         assert torch.equal(tensor, weights[name]), name
     other = replace(cfg, seed=2, model_checkpoint_dir_path=str(tmp_path / "models3"))
     assert train(other).objectives != first
@@ -123,7 +120,7 @@ def test_compiled_model_trains_and_saves_plain_weights(cfg: TrainConfig, tmp_pat
     so it loads into an uncompiled model and resumes like any other."""
     accuracy = train(replace(cfg, compile=True, epochs=2)).test_accuracy
     assert accuracy > 0.8
-    weights = final_weights(cfg)
+    weights = model_weights(cfg)
     assert not any(name.startswith("_orig_mod") for name in weights)
     resumed = train(replace(cfg, compile=False, epochs=3, resume=True))
     assert resumed.test_accuracy > 0.8

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_script
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
-from imgpipe.testing import train_config
+from imgpipe.testing import run_script, train_config
 from imgpipe.train import train
 
 

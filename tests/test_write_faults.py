@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import IN_CI, error_lines, run_script
+from helpers import IN_CI, error_lines
 from imgpipe import checkpoint, runlock
 from imgpipe.data.processed import load_processed
 from imgpipe.errors import PipelineError
-from imgpipe.testing import entry_point, run_outputs
+from imgpipe.testing import entry_point, run_outputs, run_script
 
 NO_SPACE = os.strerror(28)  # "No space left on device"
 
