@@ -17,9 +17,9 @@ def setup_logging(
     """Configure logging from ``conf/logging.yaml``; file handlers write inside ``log_dir``.
 
     Returns the log directory. Handler file names in the YAML are relative to it.
-    A log folder that cannot be made or written stops the entry point with one line
-    and exit status 2 (it runs before the entry point's error handling); a log file
-    that stops taking lines later (a full disk) says so once and the run goes on.
+    A log folder that cannot be made or written raises ``PipelineError`` (the entry point
+    prints its one line, exit status 2); a log file that stops taking lines later (a full
+    disk) says so once and the run goes on.
     """
     if config_path is None:
         from imgpipe.config import conf_dir
@@ -40,9 +40,8 @@ def setup_logging(
                 pass
     except OSError as exc:
         from imgpipe.atomic import write_error
-        from imgpipe.cli import fail
 
-        fail(write_error(exc.filename or directory, exc))
+        raise write_error(exc.filename or directory, exc) from None
     logging.config.dictConfig(config)
     logging.captureWarnings(True)
     for handler in logging.getLogger().handlers:

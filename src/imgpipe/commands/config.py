@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
-STAGES = click.Choice(["process_data", "train_model"])
+from imgpipe.config import SCHEMAS  # light: the schemas, no Hydra until a command runs
+
+STAGES = click.Choice(list(SCHEMAS))
 
 
 @click.group()
