@@ -445,8 +445,9 @@ def publish_model(
     predicted: torch.Tensor,
     ckpt_dir: Path,
 ) -> None:
-    """model.pt, the confusion matrix (dvclive) and the MLflow model."""
-    checkpoint.save_model(
+    """model.pt, the MLflow model (model.pt with its loader, logged on a thread of its own
+    from here) and the confusion matrix (dvclive)."""
+    model_file = checkpoint.save_model(
         ckpt_dir / checkpoint.MODEL_FILE,
         model,
         model_name=MODEL_NAME,
@@ -455,12 +456,11 @@ def publish_model(
         mean=data.mean,
         std=data.std,
     )
+    tracker.log_model(model_file)
     tracker.log_confusion_matrix(
         [data.classes[i] for i in test_split.labels.tolist()],
         [data.classes[i] for i in predicted.tolist()],
     )
-    example, _ = test_split.batch(slice(0, 2))
-    tracker.log_model(model, example.cpu())
 
 
 def log_done(timings: Timings, metrics: dict[str, float]) -> None:

@@ -125,6 +125,7 @@ class Tracker:
         self._live.log_confusion_matrix(actual, predicted)
 
     @metered
-    def log_model(self, model: Any, example: Any) -> None:
+    def log_model(self, model_file: str | os.PathLike[str]) -> None:
+        """Log the saved model.pt as the run's MLflow model, off this thread."""
         if self._run is not None:
-            self._run.log_model(model, example)
+            self._run.log_model(model_file)

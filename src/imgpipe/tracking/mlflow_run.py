@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineError
 from imgpipe.redact import redact_url
 from imgpipe.tracking.cost import CostMeter
 from imgpipe.tracking.create import create_run_once
-from imgpipe.tracking.model_log import log_pytorch_model
 from imgpipe.tracking.outbox import Batch, Outbox, missing_batches, send_failures
 from imgpipe.tracking.store import ensure_experiment, hide_secret_urls
 from imgpipe.tracking.sync import sync_command
@@ -62,7 +63,11 @@ class MlflowRun:
         self._logged_steps: dict[str, set[int]] = {}
         self._outbox: Outbox | None = None
         self._replay: list[Mapping[str, Any]] = []  # the checkpoint's epochs, on resume
-        self._model: tuple[Any, Any] | None = None  # logged at the end, after the metrics
+        # The model: logged on a thread of its own as soon as it is saved (``log_model``).
+        self._model_file: Path | None = None
+        self._model_thread: threading.Thread | None = None
+        self._model_id: str | None = None
+        self._model_error: BaseException | None = None
 
     def start(self) -> None:
         """Create or reopen the run on a thread: the first epoch trains meanwhile (torch
@@ -183,9 +188,42 @@ class MlflowRun:
             assert self._outbox is not None
             self._outbox.put(Batch(step, dict(fresh)))
 
-    def log_model(self, model: Any, example: Any) -> None:
-        """The trained model, logged at the end once the metrics are in (see ``end``)."""
-        self._model = (model, example)
+    def log_model(self, model_file: str | os.PathLike[str]) -> None:
+        """Log ``model_file`` (the saved model.pt) as the run's MLflow model, and register
+        it, on a thread of its own: the training thread goes on to its last writes, and
+        ``end`` waits for this before the run's status is set (tracking.model_files)."""
+        self._model_file = Path(model_file)
+        if self.run_id is None or self._client is None:
+            return  # the run never started: ``end`` says what is missing
+        self._model_thread = threading.Thread(
+            target=self._log_model_guarded, name="mlflow-model", daemon=True
+        )
+        self._model_thread.start()
+
+    def _log_model_guarded(self) -> None:
+        with self.cost.background():
+            try:
+                assert self._model_file is not None
+                self._model_id = self._log_model(self._model_file)
+            except BaseException as exc:  # judged by ``end`` on the training thread
+                self._model_error = exc
+                return
+            self._register(self._model_id)
+
+    def _model_logged(self, wait_s: float) -> bool:
+        """Wait up to ``wait_s`` for the model's thread; whether the model is in the run.
+        An outage (or a thread still retrying) leaves it to the sync command; anything
+        else the thread raised is raised here."""
+        if self._model_thread is None:
+            return False
+        self._model_thread.join(wait_s)
+        if self._model_thread.is_alive():
+            return False
+        self._model_thread = None
+        error, self._model_error = self._model_error, None
+        if error is not None and not isinstance(error, send_failures()):
+            raise error
+        return self._model_id is not None
 
     def end(self, status: str) -> None:
         """Deliver what is queued, log the model, set the status (FINISHED, FAILED or
@@ -204,15 +242,8 @@ class MlflowRun:
         )
         complete = self._outbox.drain(wait_s)
         self._outbox.close()
-        model_missing = self._model is not None
-        if complete and self._model is not None:
-            try:
-                model_id = self._log_model(*self._model)
-                model_missing = False
-            except send_failures():
-                complete = False
-            else:
-                self._register(model_id)
+        model_missing = self._model_file is not None and not self._model_logged(wait_s)
+        complete = complete and not model_missing
         if complete:
             try:
                 self._set_status(status)
@@ -230,15 +261,17 @@ class MlflowRun:
             sync_command(self.spec.checkpoint_dir, self.spec.tracking_uri),
         )
 
-    def _log_model(self, model: Any, example: Any) -> str:
-        """Log the model into the run; its logged model's id."""
+    def _log_model(self, model_file: Path) -> str:
+        """Log the model into the run; its logged model's id. On this thread the run is
+        made active (MLflow's active run is per thread); ending that ``with`` marks the run
+        FINISHED, which ``end`` then sets to how training ended."""
         import mlflow
 
+        from imgpipe.tracking.model_files import log_model_file
+
         mlflow.set_tracking_uri(self.spec.tracking_uri)
-        if self._fluent:
-            return log_pytorch_model(model, example)
         with mlflow.start_run(run_id=self.run_id):
-            return log_pytorch_model(model, example)
+            return log_model_file(model_file)
 
     def _register(self, model_id: str) -> None:
         """The model as a new version of ``registered_model_name`` (no alias moves). A

@@ -57,38 +57,77 @@ def file_digests(folder: str | os.PathLike[str]) -> dict[str, str]:
 
 
 class _DigestingPyfunc:
-    """``mlflow.pyfunc`` as ``Model.log`` calls it, plus the digests of the folder it wrote,
-    taken before the upload: what is recorded is what was sent."""
+    """A pyfunc flavor as ``Model.log`` calls it: writes the model's folder itself (data,
+    environment files, ``MLmodel`` through ``mlflow.pyfunc.add_to_model``) and takes the
+    digests of what it wrote before the upload, so what is recorded is what was sent.
+    Written by hand rather than by ``mlflow.pyfunc.save_model``, whose requirement checks
+    scan every installed package (3 s of the training run's end, measured here)."""
 
     __name__ = "mlflow.pyfunc"
 
     def __init__(self) -> None:
         self.digests: dict[str, str] = {}
 
-    def save_model(self, path: str, mlflow_model: Any, **kwargs: Any) -> None:
-        import mlflow.pyfunc
+    def save_model(self, path: str, mlflow_model: Any, *, data_path: str, **_: Any) -> None:
+        import platform
+        import shutil
 
-        mlflow.pyfunc.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
-        self.digests = file_digests(path)
+        import mlflow
+        import mlflow.pyfunc
+        import torch
+        import yaml
+
+        folder = Path(path)
+        (folder / "data").mkdir(parents=True)
+        shutil.copyfile(data_path, folder / MODEL_DATA)
+        # What the loader imports besides this project's package (installed where it runs).
+        requirements = [
+            f"mlflow=={mlflow.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}",
+            "numpy",
+            "pandas",
+            "pillow",
+        ]
+        (folder / "requirements.txt").write_text("\n".join(requirements) + "\n")
+        python = platform.python_version()
+        (folder / "python_env.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "python": python,
+                    "build_dependencies": ["pip"],
+                    "dependencies": ["-r requirements.txt"],
+                }
+            )
+        )
+        (folder / "conda.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "name": "mlflow-env",
+                    "channels": ["conda-forge"],
+                    "dependencies": [f"python={python}", "pip", {"pip": requirements}],
+                }
+            )
+        )
+        mlflow.pyfunc.add_to_model(
+            mlflow_model,
+            loader_module=LOADER_MODULE,
+            data=MODEL_DATA,
+            conda_env="conda.yaml",
+            python_env="python_env.yaml",
+        )
+        mlflow_model.save(str(folder / "MLmodel"))
+        self.digests = file_digests(folder)
 
 
 def log_model_file(model_file: str | os.PathLike[str]) -> str:
     """Log ``model_file`` (a model.pt) into the active run as the MLflow model and record its
     files' digests as a run param; the logged model's id."""
     import mlflow
-    import torch
     from mlflow.models import Model
 
     flavor = _DigestingPyfunc()
     info = Model.log(
-        artifact_path=None,
-        name=ARTIFACT_NAME,
-        flavor=flavor,
-        loader_module=LOADER_MODULE,
-        data_path=str(model_file),
-        # Explicit: inferring them would import and inspect the whole environment. The
-        # loader is this project's package, installed wherever the model is used.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pillow", "numpy"],
+        artifact_path=None, name=ARTIFACT_NAME, flavor=flavor, data_path=str(model_file)
     )
     mlflow.log_param(DIGEST_PARAM + info.model_id, json.dumps(flavor.digests, sort_keys=True))
     return info.model_id
@@ -147,7 +186,7 @@ def fetch_model(uri: str, tracking_uri: str, dest: str | os.PathLike[str]) -> Fe
                 + (f"VERSION={version}" if version else f"RUN={run_id}")
             )
         folder = Path(dest) / "model"
-        _download(model_id, tracking_uri, folder)
+        folder = _download(client, model_id, tracking_uri, folder)
     check_digests(uri, folder, expected)
     if not (folder / MODEL_DATA).is_file():
         raise PipelineError(f"{uri}: not an image model of this project (no {MODEL_DATA})")
@@ -215,12 +254,18 @@ def recorded_digests(
     return digests
 
 
-def _download(model_id: str, tracking_uri: str, folder: Path) -> None:
+def _download(client: Any, model_id: str, tracking_uri: str, folder: Path) -> Path:
+    """The logged model's files, from its artifact location (a ``models:/`` download would
+    resolve through the global tracking URI and add a file of MLflow's own)."""
     import mlflow
 
+    location = client.get_logged_model(model_id).artifact_location
     folder.mkdir(parents=True, exist_ok=True)
-    mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{model_id}", dst_path=str(folder), tracking_uri=tracking_uri
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=str(folder), tracking_uri=tracking_uri
+        )
     )
 
 
@@ -253,7 +298,7 @@ def verify_version(client: Any, tracking_uri: str, name: str, number: int) -> di
     expected = recorded_digests(client, mv.run_id or "", model_id, dict(mv.tags or {}))
     with tempfile.TemporaryDirectory(prefix="imgpipe-promote-") as tmp:
         folder = Path(tmp) / "model"
-        _download(model_id, tracking_uri, folder)
+        folder = _download(client, model_id, tracking_uri, folder)
         if expected is None:
             expected = file_digests(folder)
             log.warning("%s was logged without file digests: recording its files' digests now", uri)

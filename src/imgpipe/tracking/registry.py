@@ -80,8 +80,13 @@ def register(
 
 def promote(client: Any, name: str, number: int) -> Version:
     """Move ``champion`` to version ``number`` of ``name``; the champion it replaces gains
-    ``previous`` (set first: a failure in between leaves the old champion where it was)."""
+    ``previous`` (set first: a failure in between leaves the old champion where it was).
+    The version's files are checked first against the digests recorded when it was logged
+    (``model_files.verify_version``): a model changed since is never promoted."""
+    from imgpipe.tracking.model_files import verify_version
+
     target = _get_version(client, name, number)
+    verify_version(client, client.tracking_uri, name, number)
     current = _champion(client, name)
     if current is not None and current.number == target.number:
         log.info(

@@ -41,5 +41,5 @@ class SilentTracker:
     def log_confusion_matrix(self, actual: Sequence[str], predicted: Sequence[str]) -> None:
         pass
 
-    def log_model(self, model: Any, example: Any) -> None:
+    def log_model(self, model_file: Any) -> None:
         pass
