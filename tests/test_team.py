@@ -1,6 +1,6 @@
 """The team setup end to end, on real servers on 127.0.0.1: SeaweedFS as the S3 remote, the
 machine's PostgreSQL as the MLflow store, the team MLflow server (proxied artifacts, basic
-auth) started by `python -m imgpipe.stack up`; two clones sharing data, checkpoints, the
+auth) started by `imgpipe stack up`; two clones sharing data, checkpoints, the
 study and experiments through the remote and a bare git repository."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 300):
 @dataclass
 class Stack:
     folder: Path
-    env: dict[str, str]  # what `python -m imgpipe.stack` ran with
+    env: dict[str, str]  # what `imgpipe stack` ran with
     shell: dict[str, str]  # what `source .stack/env` gives (with the secret filled in)
     tracking_uri: str
     endpoint: str
@@ -67,6 +67,7 @@ class Stack:
     admin_password: str
     user: str
     password: str
+    reader_password: str  # carol's: a user nobody granted anything (READ)
     database: str
     outputs: list[str]  # every output of every command the tests ran: no password in any
 
@@ -90,7 +91,7 @@ class Stack:
 
 
 def stack_cmd(stack_env: dict[str, str], cwd: Path, *args: str):
-    return run([sys.executable, "-m", "imgpipe.stack", *args], cwd, stack_env, timeout=200)
+    return run([sys.executable, "-m", "imgpipe", "stack", *args], cwd, stack_env, timeout=200)
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -118,12 +119,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     database = f"imgpipe_test_{secrets.token_hex(4)}"
     admin_password, password = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    reader_password = secrets.token_urlsafe(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith(NOT_FOR_TRAINING)} | {
         "IMGPIPE_STACK_DIR": str(root / ".stack"),
         "MLFLOW_PORT": str(free_port()),
         "IMGPIPE_STACK_DATABASE": database,
         "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
-        "IMGPIPE_MLFLOW_USERS": f"alice:{password}",
+        # alice is granted EDIT on the team's experiment; carol keeps the default, READ
+        "IMGPIPE_MLFLOW_USERS": f"alice:{password}:EDIT carol:{reader_password}",
     }
     up = stack_cmd(env, root, "up")
     try:
@@ -139,6 +142,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             admin_password=admin_password,
             user="alice",
             password=password,
+            reader_password=reader_password,
             database=database,
             outputs=[up.stdout + up.stderr],
         )
@@ -359,6 +363,39 @@ def test_the_authenticated_server_refuses_a_client_without_its_password(
     assert not (tmp_path / "models").exists() and not (tmp_path / "dvclive").exists()
 
 
+def test_a_user_without_a_grant_reads_but_training_is_refused_in_one_line(
+    stack: Stack, sample_processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New users get READ: carol sees the team's experiment, and her training stops with one
+    line naming her, the experiment and HTTP 403, before a checkpoint is written."""
+    from mlflow import MlflowClient
+
+    env = stack.training_env(
+        MLFLOW_TRACKING_USERNAME="carol", MLFLOW_TRACKING_PASSWORD=stack.reader_password
+    )
+    result = stack.record(
+        run_script(
+            "train_model.py",
+            f"data_dir_path={sample_processed}",
+            f"model_checkpoint_dir_path={tmp_path / 'models'}",
+            f"live_dir_path={tmp_path / 'dvclive'}",
+            f"log_dir={tmp_path / 'logs'}",
+            cwd=tmp_path,
+            env=env,
+        )
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = error_lines(result.stderr)
+    assert "user 'carol'" in line and "'image-classification'" in line, line
+    assert "HTTP 403" in line and "EDIT" in line, line
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "models" / "checkpoint.pt").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.reader_password)
+    names = [e.name for e in MlflowClient(stack.tracking_uri).search_experiments()]
+    assert "image-classification" in names  # READ: she sees the team's work
+
+
 def test_experiments_travel_through_git_and_the_remote(stack: Stack, clones: Clones) -> None:
     ran = stack.record(
         dvc(clones.a, "exp", "run", "-n", "lr-half", "-S", "lr=0.5", env=stack.training_env())
@@ -495,7 +532,7 @@ def test_no_password_reaches_an_output_a_log_or_a_workspace_file(
     stack: Stack, clones: Clones
 ) -> None:
     """Last in the module: every command before it was recorded."""
-    secrets_ = (stack.password, stack.admin_password)
+    secrets_ = (stack.password, stack.admin_password, stack.reader_password)
     for output in stack.outputs:
         for secret in secrets_:
             assert secret not in output

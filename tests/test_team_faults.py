@@ -6,11 +6,13 @@ object under a directory entry it already holds (the next push repairs it)."""
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
+from helpers import error_lines, tree_digest
 from imgpipe.testing import mlflow_server, train_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -123,3 +125,48 @@ def test_answers_lost_after_the_server_acted_leave_one_run_with_each_metric_once
         steps = [m.step for m in client.get_metric_history(result.run_id, name)]
         assert len(steps) == len(set(steps)), (name, steps)
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "val/loss")) == [1, 2]
+
+
+def test_an_object_lost_under_a_pushed_directory_is_sent_again_or_named(tmp_path: Path) -> None:
+    """`dvc push` trusts a directory entry on the remote: a file object lost under it is never
+    sent again and `dvc status --cloud` says in sync. `make push-data` checks every object
+    after pushing: the next run uploads it, and a fresh clone pulls bit-identical data; an
+    object this cache lacks too is one line naming the file."""
+    from imgpipe.testing import copy_project, dvc, make
+
+    project = copy_project(tmp_path / "a")
+    assert make("data", project).returncode == 0
+    assert dvc(project, "add", "-q", "data/raw").returncode == 0
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    assert dvc(project, "remote", "add", "-d", "team", str(remote)).returncode == 0
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", "commit", "-qm", "data on the remote"], cwd=project, check=True)
+    pushed = make("push-data", project)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert "objects of the cached outputs are there" in pushed.stdout
+
+    objects = sorted(p for p in remote.rglob("*") if p.is_file() and p.suffix != ".dir")
+    lost = objects[len(objects) // 2]
+    lost.unlink()
+    status = dvc(project, "status", "--cloud")
+    assert "in sync" in status.stdout, status.stdout  # DVC's blind spot, as users meet it
+    again = make("push-data", project)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 object(s) under outputs already pushed were missing" in again.stdout
+    assert "uploaded again" in again.stdout and lost.exists()
+
+    clone = tmp_path / "b"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    pulled = dvc(clone, "pull", "data.dvc")  # the pipeline's outputs were never made here
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert tree_digest(clone / "data" / "raw") == tree_digest(project / "data" / "raw")
+
+    cached = project / ".dvc" / "cache" / lost.relative_to(remote)
+    lost.unlink()
+    cached.unlink()  # gone from the cache too: nothing can repair it here
+    named = make("push-data", project)
+    assert named.returncode == 2, named.stdout + named.stderr
+    (line,) = error_lines(named.stderr)
+    assert "DVC remote 'team'" in line and "data/raw/" in line and lost.name in line, line
+    assert "missing from the remote and from this cache" in line

@@ -4,6 +4,7 @@ PostgreSQL + MLflow, the DVC remote checked before it is used).
     imgpipe stack up | down | env   # `make stack-up`, `make stack-down`, `make stack-env`
     imgpipe stack server            # `make mlflow-server` with MLFLOW_BACKEND_STORE=... (team)
     imgpipe remote check [REMOTE]   # before `make push-data` / `make pull-data`
+    imgpipe remote verify [REMOTE]  # after `dvc push` in `make push-data`: repairs what it skipped
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def stack() -> None:
 @stack.command()
 def up() -> None:
     """Start the stack on 127.0.0.1; prints the environment to source (.stack/env)."""
-    from imgpipe.stack import up as start
+    from imgpipe.team.stack import up as start
 
     _say(start(os.environ, _root()))
 
@@ -38,7 +39,7 @@ def up() -> None:
 @stack.command()
 def down() -> None:
     """Stop what `imgpipe stack up` started (data kept under .stack/)."""
-    from imgpipe.stack import down as stop
+    from imgpipe.team.stack import down as stop
 
     _say(stop(os.environ, _root()))
 
@@ -46,7 +47,7 @@ def down() -> None:
 @stack.command()
 def env() -> None:
     """Print the stack's environment file again (source .stack/env)."""
-    from imgpipe.stack import show_env
+    from imgpipe.team.stack import show_env
 
     _say(show_env(os.environ, _root()))
 
@@ -54,7 +55,7 @@ def env() -> None:
 @stack.command()
 def server() -> None:
     """The team MLflow server in the foreground (database store, proxied artifacts, auth)."""
-    from imgpipe.stack import serve
+    from imgpipe.team.server import serve
 
     raise SystemExit(serve(os.environ, _root()))
 
@@ -68,6 +69,16 @@ def remote() -> None:
 @click.argument("name", required=False)
 def check(name: str | None) -> None:
     """Check the DVC remote NAME (default: the default remote) is there and usable."""
-    from imgpipe.remote import check_remote
+    from imgpipe.team.checks import check_remote
 
     print(check_remote(_root(), name, os.environ))
+
+
+@remote.command()
+@click.argument("name", required=False)
+def verify(name: str | None) -> None:
+    """After dvc push: every object of the cached outputs is on remote NAME; the ones it lacks
+    under directories it already holds (which dvc push skips) are uploaded again."""
+    from imgpipe.team.objects import verify_remote
+
+    print(verify_remote(_root(), name))

@@ -10,9 +10,13 @@ that key other than the one returned are deleted, with one line saying so.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
+
+from imgpipe.errors import PipelineError
+from imgpipe.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -39,3 +43,20 @@ def create_run_once(
                 run.info.run_id,
             )
     return run
+
+
+def refusal(exc: BaseException, tracking_uri: str, experiment: str) -> BaseException:
+    """A server's HTTP 403 while opening the run as one line naming the user and the
+    experiment (the authenticated team server gives new users READ only); other errors as
+    they are."""
+    from mlflow.exceptions import MlflowException
+
+    if not (isinstance(exc, MlflowException) and exc.error_code == "PERMISSION_DENIED"):
+        return exc
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"user '{user}'" if user else "this login"
+    return PipelineError(
+        f"MLflow tracking server {redact_url(tracking_uri)}: {who} may not log runs into "
+        f"experiment '{experiment}' (HTTP 403 permission denied): ask the team's admin for "
+        "EDIT on it"
+    )

@@ -20,7 +20,7 @@ from typing import Any
 from imgpipe.errors import PipelineError
 from imgpipe.redact import redact_url
 from imgpipe.tracking.cost import CostMeter
-from imgpipe.tracking.create import create_run_once
+from imgpipe.tracking.create import create_run_once, refusal
 from imgpipe.tracking.outbox import Batch, Outbox, missing_batches, send_failures
 from imgpipe.tracking.store import ensure_experiment, hide_secret_urls
 from imgpipe.tracking.sync import sync_command
@@ -82,7 +82,7 @@ class MlflowRun:
             try:
                 self._create_or_reopen()
             except BaseException as exc:  # re-raised in the training thread by wait()
-                self._start_error = exc
+                self._start_error = refusal(exc, self.spec.tracking_uri, self.spec.experiment_name)
 
     def _create_or_reopen(self) -> None:
         import mlflow
