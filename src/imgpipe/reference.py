@@ -63,6 +63,7 @@ def configuration_reference() -> str:
     for stage, schema in SCHEMAS.items():
         parts.append(_stage_section(stage, schema, conf_dir() / f"{stage}.yaml"))
     parts.append(FOOTER)
+    parts.append(commands_reference())
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -133,8 +134,8 @@ def _table(rows: list[tuple[str, str | None, str, Any]]) -> str:
     for key, value, comment, field in rows:
         default = value if value is not None else _default(field)
         role = ROLE_WORDS.get(field.metadata.get("changes", ""), "")
-        cells = [f"`{key}`", _code(str(field.type)), _code(default), role, comment]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        cells = [f"`{key}`", _code(str(field.type)), _code(default), role, _text(comment)]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,4 +154,68 @@ def _code(text: str) -> str:
 
 
 def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:] if text else ""
+    return _text(text[:1].upper() + text[1:]) if text else ""
+
+
+def _text(text: str) -> str:
+    """Prose from comments: ``<placeholders>`` would be read as HTML tags."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def commands_reference() -> str:
+    """Every subcommand of ``imgpipe`` with its arguments and the first line of its help."""
+    import click
+
+    from imgpipe.commands import main
+
+    ctx = click.Context(main, info_name="imgpipe")
+    rows = ["| command | what it does |", "|---|---|"]
+
+    def walk(group: click.Group, parent: click.Context) -> None:
+        for name in group.list_commands(parent):
+            command = group.get_command(parent, name)
+            if command is None or command.hidden:
+                continue
+            sub = click.Context(command, info_name=name, parent=parent)
+            if not isinstance(command, click.Group) or command.invoke_without_command:
+                help_text = _text(_first_paragraph(command))
+                rows.append(f"| `{_usage(command, sub)}` | {_cell(help_text)} |")
+            if isinstance(command, click.Group):
+                walk(command, sub)
+
+    walk(main, ctx)
+    return (
+        "## The `imgpipe` command\n\n"
+        "One subcommand per job (`imgpipe --help`, `imgpipe <command> --help`); the Make "
+        "targets call them. Mistakes are one `error:` line with exit status 2.\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _usage(command: Any, ctx: Any) -> str:
+    """``imgpipe promote [--run RUN] [--version VERSION] ...``: the arguments and options."""
+    import click
+
+    pieces = [ctx.command_path]
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            name = (param.metavar or param.name or "").upper()
+            name += "..." if param.nargs == -1 else ""
+            pieces.append(name if param.required else f"[{name}]")
+        elif isinstance(param, click.Option) and param.name != "help":
+            flag = (
+                param.opts[0] if param.is_flag else f"{param.opts[0]} {param.opts[0][2:].upper()}"
+            )
+            pieces.append(flag if param.required else f"[{flag}]")
+    return " ".join(pieces)
+
+
+def _first_paragraph(command: Any) -> str:
+    import inspect
+
+    return " ".join(inspect.cleandoc(command.help or "").split("\n\n")[0].split())

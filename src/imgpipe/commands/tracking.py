@@ -47,7 +47,7 @@ def promote(run_id: str | None, number: str | None, name: str | None, tracking_u
     """Move the alias 'champion' to a run's model or a version (the one it replaces becomes
     'previous')."""
     if (run_id is None) == (number is None):
-        raise PipelineError("promote takes one of RUN=<run id> or VERSION=<n> (--run, --version)")
+        raise PipelineError("promote takes one of RUN=<run id> or VERSION=<n>")
     if number is not None and not number.isdigit():
         raise PipelineError(f"VERSION={number!r}: not a version number")
     _registry_action("promote", run_id, None if number is None else int(number), name, tracking_uri)
