@@ -88,17 +88,16 @@ def bench_training(
 ) -> dict:
     import torch
 
-    from imgpipe.model import ConvNet
+    from imgpipe.models import build_model, spec_for
     from imgpipe.train import Timings, pick_device, train
 
     d = load_processed(data)
-    c, h, w = d.image_shape
     n = len(d.train.labels)
     device = pick_device("auto")  # the device the real stage picks: baselines run there too
 
     def bare_once() -> float:
         torch.manual_seed(0)
-        model = ConvNet(c, h, w, len(d.classes))
+        model = build_model(spec_for(d))
         return baselines.bare_training(
             d.train.images, d.train.labels, model, batch, epochs, device=device
         )
@@ -122,7 +121,7 @@ def bench_training(
     files, labels = raw_files(raw, "train", n)
     torch.manual_seed(0)
     per_item = baselines.per_item_training(
-        files, labels, ConvNet(c, h, w, len(d.classes)), batch, 1, device=device
+        files, labels, build_model(spec_for(d)), batch, 1, device=device
     )
     return {
         "train_images": n,

@@ -65,7 +65,7 @@ SPEED_EPOCHS = """
 import json, sys, time, torch
 from imgpipe.data import load_processed
 from imgpipe.engine import TensorSplit, seed_everything, train_one_epoch
-from imgpipe.model import build_trainable
+from imgpipe.models import build_trainable, spec_for
 from imgpipe.streaming import StreamingSplit
 
 data = load_processed(sys.argv[1])
@@ -77,7 +77,7 @@ paths = {
 }
 def epoch(split):
     generator = seed_everything(1)
-    parts = build_trainable(data.image_shape, len(data.classes), lr=1.0, gamma=0.7, device=cpu)
+    parts = build_trainable(spec_for(data), lr=1.0, gamma=0.7, device=cpu)
     started, cpu_started = time.perf_counter(), time.process_time()
     train_one_epoch(parts.model, parts.optimizer, split, 64, generator, 1, 10**9)
     cpu_s[id(split)] = cpu_s.get(id(split), 0.0) + time.process_time() - cpu_started

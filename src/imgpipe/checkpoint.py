@@ -33,7 +33,7 @@ import torch
 from imgpipe import torchfile
 from imgpipe.atomic import atomic_file
 from imgpipe.errors import PipelineError
-from imgpipe.model import Trainable
+from imgpipe.models import ModelSpec, Trainable, model_file_content
 from imgpipe.rng import capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -202,26 +202,12 @@ REQUIRED_KEYS = frozenset(
 def save_model(
     path: str | os.PathLike[str],
     model: torch.nn.Module,
-    *,
-    model_name: str,
-    classes: list[str],
-    image_shape: tuple[int, ...],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    spec: ModelSpec,
 ) -> Path:
-    """model.pt: the weights and everything needed to use them, nothing to resume."""
-    return torchfile.save(
-        {
-            "format": FORMAT,
-            "model_name": model_name,
-            "state_dict": model.state_dict(),
-            "classes": classes,
-            "image_shape": list(image_shape),
-            "mean": list(mean),
-            "std": list(std),
-        },
-        path,
-    )
+    """model.pt: the weights and everything needed to rebuild and feed them (``spec``:
+    architecture, classes, input size and mode, normalisation, resize rule, the weights
+    file's SHA-256; ``imgpipe.models.load_model_file`` reads it), nothing to resume."""
+    return torchfile.save({"format": FORMAT, **model_file_content(model, spec)}, path)
 
 
 def load(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -97,6 +97,24 @@ class TrainConfig:
     test_bs: int = _changes(EVALUATION, 1000)
     epochs: int = _changes(LENGTH, 10)
     seed: int = _changes(TRAJECTORY, 1)
+    # The model (imgpipe.models): `convnet` (the seed CNN) or a timm architecture by name,
+    # from random weights or a local weights file; its normalisation follows the weights.
+    model: str = _changes(TRAJECTORY, "convnet")
+    model_weights: str | None = _changes(TRAJECTORY, None)
+    # The optimizer and the schedule (imgpipe.models.optim), stepped once per epoch.
+    optimizer: str = _changes(TRAJECTORY, "adadelta")
+    weight_decay: float = _changes(TRAJECTORY, 0.0)
+    momentum: float = _changes(TRAJECTORY, 0.9)  # sgd only
+    nesterov: bool = _changes(TRAJECTORY, False)  # sgd only
+    scheduler: str = _changes(TRAJECTORY, "step")
+    warmup_epochs: int = _changes(TRAJECTORY, 0)  # cosine only
+    # Augmentation of training batches (imgpipe.augment); null settings take the preset's.
+    augment: str = _changes(TRAJECTORY, "none")
+    augment_crop_scale: list[float] | None = _changes(TRAJECTORY, None)  # noqa: RUF009
+    augment_flip: float | None = _changes(TRAJECTORY, None)
+    augment_jitter: float | None = _changes(TRAJECTORY, None)
+    augment_erase: float | None = _changes(TRAJECTORY, None)
+    label_smoothing: float = _changes(TRAJECTORY, 0.0)
     log_interval: int = 10
     setup_mlflow: bool = True
     mlflow_autolog: bool = False
@@ -134,6 +152,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _device_from_seed_keys(self)
         _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check_model_keys(self)
         _check(self.device in DEVICES, "device", self.device, "one of " + ", ".join(DEVICES))
         _check(0 < self.gamma <= 1, "gamma", self.gamma, "in (0, 1]")
         _check(self.train_bs >= 1, "train_bs", self.train_bs, ">= 1")
@@ -209,6 +228,46 @@ def deprecated(old: str, new: str) -> None:
             old,
             new,
         )
+
+
+OPTIMIZERS = ("adadelta", "sgd", "adamw")  # imgpipe.models.optim builds them
+SCHEDULERS = ("step", "cosine", "none")
+AUGMENTS = ("none", "basic", "strong")  # imgpipe.augment's presets
+
+
+def _check_model_keys(cfg: TrainConfig) -> None:
+    """The model, optimizer, schedule and augmentation keys (the architecture name and the
+    weights file are checked by imgpipe.models before any work)."""
+    _check(bool(cfg.model.strip()), "model", cfg.model, "convnet or a timm architecture name")
+    for key, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)):
+        _check(getattr(cfg, key) in allowed, key, getattr(cfg, key), "one of " + ", ".join(allowed))
+    _check(cfg.augment in AUGMENTS, "augment", cfg.augment, "one of " + ", ".join(AUGMENTS))
+    _check(cfg.weight_decay >= 0, "weight_decay", cfg.weight_decay, ">= 0")
+    _check(0 <= cfg.momentum < 1, "momentum", cfg.momentum, ">= 0 and < 1")
+    _check(
+        not cfg.nesterov or (cfg.optimizer == "sgd" and cfg.momentum > 0),
+        "nesterov",
+        cfg.nesterov,
+        "false unless optimizer=sgd with momentum > 0",
+    )
+    _check(cfg.warmup_epochs >= 0, "warmup_epochs", cfg.warmup_epochs, ">= 0")
+    _check(0 <= cfg.label_smoothing < 1, "label_smoothing", cfg.label_smoothing, ">= 0 and < 1")
+    scale = cfg.augment_crop_scale
+    _check(
+        scale is None or (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1),
+        "augment_crop_scale",
+        scale,
+        "null or [min, max] with 0 < min <= max <= 1",
+    )
+    for key in ("augment_flip", "augment_erase"):
+        value = getattr(cfg, key)
+        _check(value is None or 0 <= value <= 1, key, value, "null or a probability in [0, 1]")
+    _check(
+        cfg.augment_jitter is None or 0 <= cfg.augment_jitter < 1,
+        "augment_jitter",
+        cfg.augment_jitter,
+        "null or a strength in [0, 1)",
+    )
 
 
 def result_keys(*roles: str) -> tuple[str, ...]:

@@ -141,6 +141,8 @@ def train_one_epoch(
     rank: int = 0,
     world: int = 1,
     on_progress: Callable[[int, int, float], None] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    label_smoothing: float = 0.0,
 ) -> EpochResult | None:
     """Train one pass over ``data`` in an order drawn from ``generator``. None when
     ``should_stop`` (asked before every batch) says so: the epoch is abandoned.
@@ -148,7 +150,10 @@ def train_one_epoch(
 
     With ``world`` > 1 processes (``model`` wrapped in DDP) every rank draws the same
     order and trains on its contiguous share of each batch of ``batch_size``; the loss
-    is scaled so the averaged gradient is the whole batch's (``imgpipe.distributed``)."""
+    is scaled so the averaged gradient is the whole batch's (``imgpipe.distributed``).
+
+    ``augment`` (``imgpipe.augment.Augmenter``) transforms each training batch on the
+    device; ``label_smoothing`` mixes that share of the uniform target into the loss."""
     model.train()
     total_loss = torch.zeros((), device=data.device)
     correct = torch.zeros((), dtype=torch.long, device=data.device)
@@ -163,13 +168,15 @@ def train_one_epoch(
             batches.close()  # a streaming split's reader thread ends here, not at garbage collection
             return None
         optimizer.zero_grad(set_to_none=True)
+        if augment is not None:
+            x = augment(x)
         with autocast(data.device, bf16):
             output = model(x)
             if world == 1:
-                loss = F.nll_loss(output, y)
+                loss = nll_loss(output, y, label_smoothing)
             else:  # DDP divides the summed gradients by world: sum/batch * world undoes it
                 whole = min(batch_size, n - (step - 1) * batch_size)
-                loss = F.nll_loss(output, y, reduction="sum") * (world / whole)
+                loss = nll_loss(output, y, label_smoothing, reduction="sum") * (world / whole)
         loss.backward()
         optimizer.step()
         # Accumulate on the device: a .item() per batch would sync every step.
@@ -184,6 +191,20 @@ def train_one_epoch(
     if world > 1:
         total_loss, correct = all_sum(Group(rank=rank, world=world), total_loss, correct)
     return EpochResult(loss=total_loss.item() / n, accuracy=correct.item() / n)
+
+
+def nll_loss(
+    output: torch.Tensor, target: torch.Tensor, label_smoothing: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """The loss of log-probabilities ``output`` (every model's output); with smoothing
+    ``e``, ``(1 - e) * nll + e * mean(-log p)`` as ``F.cross_entropy`` defines it. Without,
+    plain ``F.nll_loss``: the seed's arithmetic, bit for bit."""
+    loss = F.nll_loss(output, target, reduction=reduction)
+    if not label_smoothing:
+        return loss
+    uniform = -output.mean(dim=1)
+    uniform = uniform.sum() if reduction == "sum" else uniform.mean()
+    return (1 - label_smoothing) * loss + label_smoothing * uniform
 
 
 @torch.no_grad()

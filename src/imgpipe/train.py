@@ -1,38 +1,43 @@
 """The training job as one story: config -> data -> model -> for each epoch: fit,
 evaluate, track, checkpoint -> result.
 
-Where to change what: the model, optimizer and schedule in ``model.build_trainable``;
-one epoch's arithmetic in ``engine``; what a checkpoint holds in ``checkpoint``; what
-is tracked where in ``tracking``; which keys change a result in ``config``.
+Where to change what: the model, optimizer and schedule in ``models`` (the one factory);
+augmentation in ``augment``; one epoch's arithmetic in ``engine``; metric names in
+``metrics``; what a checkpoint holds in ``checkpoint`` and what resume accepts in
+``resume``; what is tracked where in ``tracking``; which keys change a result in ``config``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from imgpipe import checkpoint, distributed, progress, runlock, stop
+from imgpipe import checkpoint, distributed, progress, resume, runlock, stop
 from imgpipe.checkpoint import TrainingState
-from imgpipe.config import TRAJECTORY, TrainConfig, result_keys
+from imgpipe.config import TrainConfig
 from imgpipe.data.processed import ProcessedData, load_processed
 from imgpipe.distributed import Group
 from imgpipe.engine import (
-    EpochResult,
     TensorSplit,
     evaluate,
     pick_device,
     train_one_epoch,
 )
-from imgpipe.errors import PipelineError
-from imgpipe.model import MODEL_NAME, Trainable, build_trainable
-from imgpipe.redact import redact_url
+from imgpipe.metrics import (
+    METRIC_NAMES,
+    TEST_METRIC_NAMES,
+    TrainingDiverged,
+    check_finite,
+    epoch_metrics,
+    final_metrics,
+)
+from imgpipe.models import ModelSpec
+from imgpipe.parts import build_parts, describe_model, loggable_params, make_augmenter
 from imgpipe.rng import seed_everything
 from imgpipe.streaming import open_splits
 from imgpipe.tracking import (
@@ -46,10 +51,8 @@ from imgpipe.tracking import (
 
 log = logging.getLogger(__name__)
 
-# Logged every epoch; the test split is evaluated once, after the last epoch (its metrics
-# are logged at that step): model selection (a sweep) looks at val only, so test stays unbiased.
-METRIC_NAMES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
-TEST_METRIC_NAMES = ("test/loss", "test/accuracy")
+# The names every tracker and test uses, re-exported beside the story that logs them.
+__all__ = ["METRIC_NAMES", "TEST_METRIC_NAMES", "TrainResult", "TrainingDiverged", "train"]
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,6 @@ class TrainResult:
         return self.val_loss, self.val_accuracy
 
 
-class TrainingDiverged(PipelineError):
-    """The loss became NaN or infinite: no later epoch can recover."""
-
-    def __init__(self, message: str, run_id: str | None = None) -> None:
-        super().__init__(message)
-        self.run_id = run_id
-
-
 def train(
     cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None
 ) -> TrainResult:
@@ -132,23 +127,30 @@ def _train(
     # data
     device = distributed.start(group, pick_device(cfg.device, cfg.no_cuda, cfg.no_mps))
     data = load_processed(cfg.data_dir_path)
+    # What the model is: the architecture, its weights file and the normalisation they
+    # were trained with (the data's own statistics without a file); checked before any work.
+    model_spec = describe_model(cfg, data)
     # In memory while the budget lasts, else streamed from the files: the same numbers.
-    splits = open_splits(data, ("train", "val", "test"), device, cfg.memory_budget_mb)
+    normalised_as = replace(data, mean=model_spec.mean, std=model_spec.std)
+    splits = open_splits(normalised_as, ("train", "val", "test"), device, cfg.memory_budget_mb)
     train_split, val_split, test_split = splits["train"], splits["val"], splits["test"]
 
-    # model, optimizer, schedule; continued from the checkpoint on resume
+    # model, optimizer, schedule, augmentation; continued from the checkpoint on resume
     generator = seed_everything(cfg.seed)
-    parts = build_trainable(
-        data.image_shape, len(data.classes), lr=cfg.lr, gamma=cfg.gamma, device=device
-    )
+    parts = build_parts(cfg, model_spec, device)
     distributed.seed_rank(cfg.seed, group)  # dropout: each rank its own masks
+    augmenter = make_augmenter(cfg, model_spec, device, group.rank)  # None: augment=none
     ckpt_dir = Path(cfg.model_checkpoint_dir_path)
-    state = fresh_state(parts, generator, data, cfg)
+    state = resume.fresh_state(parts, generator, model_spec, cfg, augmenter)
     resumed = False
     # A group that torchrun restarted (--max-restarts) continues its checkpoint.
-    wanted = cfg.resume or distributed.restarted()
-    if wanted and (found := restore(ckpt_dir, state.fingerprint, cfg, parts, generator, group)):
-        state, resumed = found, True
+    if cfg.resume or distributed.restarted():
+        found = resume.restore(
+            ckpt_dir, state.fingerprint, cfg, loggable_params(cfg, model_spec), parts,
+            generator, group, augmenter,
+        )  # fmt: skip
+        if found:
+            state, resumed = found, True
     # The compiled module shares the model's parameters: training goes through it, while
     # checkpoints and the exported model use the plain module (no "_orig_mod." keys).
     net = torch.compile(parts.model) if cfg.compile else parts.model
@@ -158,7 +160,7 @@ def _train(
     first_epoch = state.epoch + 1
     log_start(device, data, first_epoch, cfg.epochs)
 
-    spec = run_spec(cfg, tracking_uri, device, data, state.run_id, parent_run_id, tags)
+    spec = run_spec(cfg, tracking_uri, device, data, model_spec, state.run_id, parent_run_id, tags)
     # Rank 0 alone talks to the world: MLflow, dvclive, checkpoints, the model.
     tracker = (
         Tracker(cfg.live_dir_path, spec, images=cfg.live_images)
@@ -191,6 +193,8 @@ def _train(
                     bf16=cfg.bf16,
                     should_stop=distributed.agreed(stop.requested, group),
                     on_progress=bar.update,
+                    augment=augmenter,
+                    label_smoothing=cfg.label_smoothing,
                     **share,
                 )
             if fit is None:  # SIGTERM/SIGINT: this epoch is dropped, the last checkpoint stands
@@ -209,9 +213,10 @@ def _train(
             state.history.append({"epoch": epoch, "metrics": metrics})
             log_epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t0)
             if epoch % cfg.model_checkpoint_interval == 0 or epoch == cfg.epochs:
-                save_state(
-                    parts, generator, state, epoch, len(train_split), cfg, tracker.run_id, group
-                )
+                resume.save_state(
+                    parts, generator, augmenter, state, epoch, len(train_split), cfg,
+                    tracker.run_id, group,
+                )  # fmt: skip
             epochs_s += time.perf_counter() - t0
 
         # the trained model
@@ -219,7 +224,7 @@ def _train(
             tested, predicted = evaluate(net, test_split, cfg.test_bs, cfg.bf16, **share)
             metrics |= final_metrics(tested)  # as logged then: the same weights
         if group.main:
-            publish_model(tracker, parts.model, data, test_split, predicted, ckpt_dir)
+            publish_model(tracker, parts.model, model_spec, test_split, predicted, ckpt_dir)
 
     timings = Timings(
         fit_s, epochs_s, time.perf_counter() - started, tracker.blocking_s,
@@ -232,87 +237,12 @@ def _train(
 # --------------------------------------------------------------------------- the story's steps
 
 
-def loggable_params(cfg: TrainConfig) -> dict[str, Any]:
-    """The config as MLflow params, with any URL password redacted."""
-    params = asdict(cfg)
-    if params.get("mlflow_tracking_uri"):
-        params["mlflow_tracking_uri"] = redact_url(params["mlflow_tracking_uri"])
-    return params
-
-
-def model_fingerprint(data: ProcessedData) -> str:
-    return checkpoint.fingerprint(MODEL_NAME, data.image_shape, data.classes, data.mean, data.std)
-
-
-def fresh_state(
-    parts: Trainable, generator: torch.Generator, data: ProcessedData, cfg: TrainConfig
-) -> TrainingState:
-    """Epoch 0: the initial weights, kept aside (copied) to be saved once the run exists."""
-    return TrainingState.capture(
-        parts,
-        generator,
-        epoch=0,
-        global_step=0,
-        history=[],
-        fingerprint=model_fingerprint(data),
-        config=loggable_params(cfg),
-        keep=True,
-    )
-
-
-def restore(
-    ckpt_dir: Path,
-    fingerprint: str,
-    cfg: TrainConfig,
-    parts: Trainable,
-    generator: torch.Generator,
-    group: Group,
-) -> TrainingState | None:
-    """Load the newest valid checkpoint into the training objects (resume=true). Rank 0
-    reads it and hands it to the other ranks, so all continue from the same file."""
-    if group.main:
-        checkpoint.remove_stale_temps(ckpt_dir)
-    found = distributed.from_main(group, checkpoint.load_latest(ckpt_dir) if group.main else None)
-    if found is None:
-        log.warning("resume=true but no checkpoint in %s: starting fresh", ckpt_dir)
-        return None
-    state, path = found
-    if state.fingerprint != fingerprint:
-        raise PipelineError(
-            f"{path}: checkpoint was trained for a different model or data "
-            "(architecture, image shape, classes or normalisation); set resume=false to start fresh"
-        )
-    changed = [k for k in result_keys(TRAJECTORY) if state.config.get(k) != getattr(cfg, k)]
-    if changed:
-        log.warning(
-            "resuming with %s changed since the checkpoint; optimizer and scheduler state "
-            "continue from the checkpoint",
-            ", ".join(f"{k}={getattr(cfg, k)} (was {state.config.get(k)})" for k in changed),
-        )
-    if state.world_size != group.world:
-        log.warning(
-            "resuming with %d processes, the checkpoint ran on %d: batches are shared out "
-            "differently from here, so the trajectory changes (the model continues)",
-            group.world,
-            state.world_size,
-        )
-    state.restore(parts, generator, group.rank)
-    log.info("resuming after epoch %d from %s (MLflow run %s)", state.epoch, path, state.run_id)
-    state.config = loggable_params(cfg)
-    if state.epoch < cfg.epochs:
-        # Extended: test is measured again after the new last epoch. The history (and so
-        # dvclive) keeps only that look, as a straight run has; MLflow keeps the earlier one.
-        for entry in state.history:
-            for name in TEST_METRIC_NAMES:
-                entry["metrics"].pop(name, None)
-    return state
-
-
 def run_spec(
     cfg: TrainConfig,
     tracking_uri: str | None,
     device: torch.device,
     data: ProcessedData,
+    model: ModelSpec,
     resume_run_id: str | None,
     parent_run_id: str | None,
     tags: dict[str, str] | None,
@@ -328,7 +258,7 @@ def run_spec(
         parent_run_id=parent_run_id,
         resume_run_id=resume_run_id,
         metric_names=METRIC_NAMES + TEST_METRIC_NAMES,
-        params=loggable_params(cfg) | {"device": str(device), "model": MODEL_NAME},
+        params=loggable_params(cfg, model) | {"device": str(device)},
         dicts={"metadata.json": data.describe()},
         autolog=cfg.mlflow_autolog,
         system_metrics=cfg.mlflow_system_metrics,
@@ -336,28 +266,6 @@ def run_spec(
         checkpoint_dir=cfg.model_checkpoint_dir_path,
         registered_model_name=cfg.mlflow_registered_model_name,
     )
-
-
-def check_finite(fit: EpochResult, epoch: int, lr: float, run_id: str | None) -> None:
-    if not math.isfinite(fit.loss):
-        raise TrainingDiverged(
-            f"training diverged in epoch {epoch}: loss {fit.loss} (lr={lr}); "
-            "lower lr or check the data",
-            run_id,
-        )
-
-
-def epoch_metrics(fit: EpochResult, score: EpochResult) -> dict[str, float]:
-    return {
-        "train/loss": fit.loss,
-        "train/accuracy": fit.accuracy,
-        "val/loss": score.loss,
-        "val/accuracy": score.accuracy,
-    }
-
-
-def final_metrics(score: EpochResult) -> dict[str, float]:
-    return {"test/loss": score.loss, "test/accuracy": score.accuracy}
 
 
 def on_first_epoch(
@@ -409,57 +317,21 @@ def log_epoch_line(epoch: int, epochs: int, metrics: dict[str, float], seconds: 
     )
 
 
-def save_state(
-    parts: Trainable,
-    generator: torch.Generator,
-    state: TrainingState,
-    epoch: int,
-    train_count: int,
-    cfg: TrainConfig,
-    run_id: str | None,
-    group: Group,
-) -> None:
-    """Checkpoint after ``epoch``: the state as it is now (every rank's RNG), filed under
-    the run by rank 0."""
-    steps_per_epoch = -(-train_count // cfg.train_bs)
-    now = TrainingState.capture(
-        parts,
-        generator,
-        epoch=epoch,
-        global_step=state.global_step + (epoch - state.epoch) * steps_per_epoch,
-        history=state.history,
-        fingerprint=state.fingerprint,
-        config=state.config,
-    )
-    now.run_id = run_id
-    distributed.gather_rngs(now, group)
-    if group.main:
-        now.save(cfg.model_checkpoint_dir_path, keep_previous=True)
-
-
 def publish_model(
     tracker: Tracker,
     model: torch.nn.Module,
-    data: ProcessedData,
+    spec: ModelSpec,
     test_split: TensorSplit,
     predicted: torch.Tensor,
     ckpt_dir: Path,
 ) -> None:
-    """model.pt, the MLflow model (model.pt with its loader, logged on a thread of its own
-    from here) and the confusion matrix (dvclive)."""
-    model_file = checkpoint.save_model(
-        ckpt_dir / checkpoint.MODEL_FILE,
-        model,
-        model_name=MODEL_NAME,
-        classes=data.classes,
-        image_shape=data.image_shape,
-        mean=data.mean,
-        std=data.std,
-    )
+    """model.pt (the weights and the spec that rebuilds them), the MLflow model (model.pt
+    with its loader, logged on a thread of its own from here) and the confusion matrix."""
+    model_file = checkpoint.save_model(ckpt_dir / checkpoint.MODEL_FILE, model, spec)
     tracker.log_model(model_file)
     tracker.log_confusion_matrix(
-        [data.classes[i] for i in test_split.labels.tolist()],
-        [data.classes[i] for i in predicted.tolist()],
+        [spec.classes[i] for i in test_split.labels.tolist()],
+        [spec.classes[i] for i in predicted.tolist()],
     )
 
 

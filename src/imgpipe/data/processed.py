@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +127,10 @@ class ProcessedData:
     train: Split
     val: Split  # for tuning: the sweep's objectives
     test: Split  # evaluated once, at the end
+    # The image mode (L, RGB) and how process_data converted and resized every image (its
+    # metadata's "preprocessing"): what a model trained on this data records to be fed.
+    mode: str = ""
+    preprocessing: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         """What a run trained on, as the run's metadata.json artifact."""
@@ -175,6 +179,8 @@ def _open(processed_dir: str | os.PathLike[str]) -> tuple[dict, ProcessedData]:
             train=splits["train"],
             val=splits["val"],
             test=splits["test"],
+            mode=str(meta.get("mode", "")),
+            preprocessing=dict(meta.get("preprocessing") or {}),
         )
         return meta, data
     except (KeyError, TypeError, json.JSONDecodeError, ValueError, OSError) as exc:

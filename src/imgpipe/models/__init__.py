@@ -37,6 +37,7 @@ from imgpipe.models.factory import (
     load_pretrained,
     model_file_content,
     pretrained_normalisation,
+    spec_for,
 )
 from imgpipe.models.optim import (
     OPTIMIZERS,
@@ -66,6 +67,7 @@ __all__ = [
     "make_scheduler",
     "model_file_content",
     "pretrained_normalisation",
+    "spec_for",
 ]
 
 

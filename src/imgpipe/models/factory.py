@@ -131,6 +131,23 @@ def describe(
     )
 
 
+def spec_for(
+    data: Any, architecture: str = CONVNET, weights: str | os.PathLike[str] | None = None
+) -> ModelSpec:
+    """``describe`` for processed data (anything with ``classes``, ``image_shape``,
+    ``mean``, ``std`` and, optionally, ``mode`` and ``preprocessing``: a ProcessedData)."""
+    return describe(
+        architecture,
+        classes=data.classes,
+        image_shape=data.image_shape,
+        data_mean=data.mean,
+        data_std=data.std,
+        weights=weights,
+        image_mode=getattr(data, "mode", None) or None,
+        resize=getattr(data, "preprocessing", None),
+    )
+
+
 def load_pretrained(model: nn.Module, spec: ModelSpec, path: str | os.PathLike[str]) -> None:
     """Load the weights file ``path`` into ``model`` (built by ``build_model(spec)``): the
     head stays new when the classes differ, the first layer is adapted to ``in_chans``.
@@ -172,15 +189,13 @@ def spec_of_model_file(saved: dict[str, Any], source: str) -> ModelSpec:
 
 def load_model_file(path: str | os.PathLike[str]) -> tuple[nn.Module, ModelSpec]:
     """A trained model.pt as (model in eval mode on the CPU, its spec). The file is read
-    with ``weights_only`` and its digest checked (``imgpipe.checkpoint.load``); a file that
-    does not describe a model, or whose weights do not fit what it describes, is one line
-    naming it."""
-    from imgpipe import checkpoint
+    with ``weights_only`` and its digest checked (``imgpipe.torchfile.load_model_file``); a
+    file that is missing, damaged, does not describe a model, or whose weights do not fit
+    what it describes, is one line naming it."""
+    from imgpipe import torchfile
 
     source = str(Path(path))
-    saved = checkpoint.load(path)
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise PipelineError(f"{source}: not a model file (no state_dict)")
+    saved = torchfile.load_model_file(path)
     spec = spec_of_model_file(saved, source)
     model = build_model(spec)
     try:

