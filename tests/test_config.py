@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from helpers import error_lines
-from imgpipe.config import TrainConfig, compose_params
+from imgpipe.compose import compose_params
+from imgpipe.config import TrainConfig
 from imgpipe.errors import PipelineError
 from imgpipe.testing import REPO, run_script
 
@@ -110,13 +111,13 @@ def test_the_configuration_reference_is_generated_from_the_schema() -> None:
 def test_a_conf_file_that_is_not_yaml_is_one_line(tmp_path: Path, monkeypatch) -> None:
     import shutil
 
-    import imgpipe.config
+    import imgpipe.compose
 
     conf = tmp_path / "conf"
     shutil.copytree(REPO / "conf", conf)
     (conf / "train_model.yaml").write_text(
         (conf / "train_model.yaml").read_text() + "lr: 2.0\n"  # lr twice
     )
-    monkeypatch.setattr(imgpipe.config, "conf_dir", lambda: conf)
+    monkeypatch.setattr(imgpipe.compose, "conf_dir", lambda: conf)
     with pytest.raises(PipelineError, match=r"^conf/train_model.yaml line \d+: invalid YAML"):
-        imgpipe.config.load_stage_config("train_model")
+        imgpipe.compose.load_stage_config("train_model")

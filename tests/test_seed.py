@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helpers import error_lines
-from imgpipe.config import compose_params
+from imgpipe.compose import compose_params
 from imgpipe.testing import REPO, run_script
 
 # The seed's conf/train_model.yaml values that this project's names differ from.

@@ -1,5 +1,5 @@
 """The stage entry points' plumbing (src/process_data.py, src/train_model.py): the config
-loaded once (``imgpipe.config.load_stage_config``: conf/ < params.yaml under DVC < the
+loaded once (``imgpipe.compose.load_stage_config``: conf/ < params.yaml under DVC < the
 command line), one-line errors with exit 2, the stop signals (``imgpipe.stop``) with 143/130.
 
 The entry scripts take Hydra override strings (``lr=1.4``) and three flags: ``--help``,
@@ -73,7 +73,7 @@ def run_stage(
     ``immediate``: SIGTERM/SIGINT stop the command wherever it is (its outputs are all
     written atomically), instead of at the next batch boundary (see ``imgpipe.stop``).
     """
-    from imgpipe.config import load_stage_config, stage_config_yaml
+    from imgpipe.compose import load_stage_config, stage_config_yaml
     from imgpipe.logs import setup_logging
 
     install(immediate=immediate)

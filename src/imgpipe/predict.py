@@ -379,6 +379,6 @@ def _tracking_uri(model: str) -> str | None:
 
     if not is_mlflow_uri(model):
         return None
-    from imgpipe.config import load_stage_config
+    from imgpipe.compose import load_stage_config
 
     return load_stage_config("train_model").mlflow_tracking_uri

@@ -238,7 +238,7 @@ def serve(
 def run_serve(cfg: Any) -> None:
     """``make serve`` as configured (``config.PredictConfig``): ``serve_model``, else the
     champion of ``mlflow_registered_model_name`` when it has one, else models/model.pt."""
-    from imgpipe.config import load_stage_config
+    from imgpipe.compose import load_stage_config
     from imgpipe.inference import load_classifier
 
     train = load_stage_config("train_model")

@@ -28,7 +28,7 @@ def config() -> None:
 def show(stage: str, overrides: tuple[str, ...]) -> None:
     """Print STAGE's config as it would run: conf/ < the params file (IMGPIPE_PARAMS_FILE) <
     OVERRIDES (key=value)."""
-    from imgpipe.config import load_stage_config, stage_config_yaml
+    from imgpipe.compose import load_stage_config, stage_config_yaml
 
     print(stage_config_yaml(load_stage_config(stage, overrides)), end="")
 

@@ -27,7 +27,7 @@ def params(ctx: click.Context) -> None:
 def write(path: str = "params.yaml") -> None:
     """Write PATH (params.yaml) from conf/pipeline.yaml."""
     from imgpipe.atomic import write_text_atomic
-    from imgpipe.config import PIPELINE_CONFIG, compose_params
+    from imgpipe.compose import PIPELINE_CONFIG, compose_params
 
     write_text_atomic(path, compose_params())
     print(f"wrote {path} from conf/{PIPELINE_CONFIG}.yaml")
@@ -37,7 +37,7 @@ def write(path: str = "params.yaml") -> None:
 @PATH
 def check(path: str) -> None:
     """Exit 1 when PATH differs from what conf/ composes."""
-    from imgpipe.config import compose_params
+    from imgpipe.compose import compose_params
 
     try:
         current = Path(path).read_text(encoding="utf-8")

@@ -76,7 +76,7 @@ def _registry_target(name: str | None, uri: str | None) -> tuple[str, str | None
     """The registered model's name and the store, from the options or the project's config
     (conf/train_model.yaml < the params file of IMGPIPE_PARAMS_FILE, as for the stages)."""
     if not (name and uri):
-        from imgpipe.config import load_stage_config
+        from imgpipe.compose import load_stage_config
 
         cfg = load_stage_config("train_model")
         name = name or cfg.mlflow_registered_model_name
