@@ -15,6 +15,7 @@ from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.errors import PipelineError
 from imgpipe.models import (
+    ConvNet,
     ModelSpec,
     build_model,
     build_trainable,
@@ -79,6 +80,33 @@ def test_the_default_trains_the_same_weights_as_before_the_factory(cfg: TrainCon
     assert described.classes == tuple(str(d) for d in range(10))
     assert described.resize["resize_filter"].startswith("PIL.Image.Resampling.")
     assert saved["model_name"] == "convnet-v1"  # what older readers look for
+
+
+# --------------------------------------------------------------------------- the seed CNN
+
+
+@pytest.mark.parametrize(
+    ("channels", "height", "width", "classes"),
+    [(1, 8, 8, 10), (3, 10, 12, 3), (1, 28, 28, 10), (3, 224, 224, 2), (1, 1, 1, 2)],
+)
+def test_the_seed_cnn_follows_the_data(
+    channels: int, height: int, width: int, classes: int
+) -> None:
+    model = ConvNet(channels, height, width, classes).eval()
+    out = model(torch.zeros(5, channels, height, width))
+    assert out.shape == (5, classes)
+    torch.testing.assert_close(out.exp().sum(dim=1), torch.ones(5))
+
+
+def test_large_images_do_not_blow_up_the_seed_cnn() -> None:
+    small = sum(p.numel() for p in ConvNet(3, 32, 32, 10).parameters())
+    large = sum(p.numel() for p in ConvNet(3, 512, 512, 10).parameters())
+    assert large == small  # adaptive pooling caps fc1's input
+
+
+def test_a_single_class_is_refused() -> None:
+    with pytest.raises(ValueError, match="two classes"):
+        ConvNet(1, 8, 8, 1)
 
 
 # --------------------------------------------------------------------------- by name

@@ -18,7 +18,7 @@ from imgpipe.config import TrainConfig
 from imgpipe.data import ProcessedData, Split, load_processed
 from imgpipe.engine import TensorSplit, evaluate, train_one_epoch
 from imgpipe.errors import PipelineError
-from imgpipe.model import build_trainable
+from imgpipe.models import build_trainable, spec_for
 from imgpipe.rng import seed_everything
 from imgpipe.streaming import StreamingSplit, open_splits
 from imgpipe.testing import run_outputs, train_config
@@ -110,7 +110,7 @@ def reader_threads() -> list[threading.Thread]:
 def test_a_stop_mid_epoch_ends_the_reader_thread(sample_processed: Path) -> None:
     data = load_processed(sample_processed)
     stream = StreamingSplit(data.train.images, data.train.labels, data.mean, data.std, CPU)
-    parts = build_trainable(data.image_shape, len(data.classes), lr=1.0, gamma=0.7, device=CPU)
+    parts = build_trainable(spec_for(data), lr=1.0, gamma=0.7, device=CPU)
     asked = iter(range(1000))
     started = time.monotonic()
     fit = train_one_epoch(
@@ -141,7 +141,7 @@ def test_a_truncated_file_fails_in_one_line_naming_it(
     stream = StreamingSplit(images, data.train.labels, data.mean, data.std, CPU)
     with open(path, "r+b") as fh:  # the file loses its second half after training began
         fh.truncate(path.stat().st_size // 2)
-    parts = build_trainable(data.image_shape, len(data.classes), lr=1.0, gamma=0.7, device=CPU)
+    parts = build_trainable(spec_for(data), lr=1.0, gamma=0.7, device=CPU)
     with pytest.raises(PipelineError, match=rf"^{path}: file ended early .* re-run process_data$"):
         evaluate(parts.model, stream, batch_size=100)
     deadline = time.monotonic() + 5
