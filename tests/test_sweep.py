@@ -194,7 +194,7 @@ def test_changed_code_or_config_starts_a_new_study(monkeypatch: pytest.MonkeyPat
     import imgpipe.sweep.settings as sweep
 
     def study_dir(*args: str) -> str:
-        return sweep.load_settings("train_model", [], list(args)).study_dir
+        return sweep.load_settings("train_model", list(args)).study_dir
 
     assert study_dir() == study_dir()
     assert study_dir("epochs=3") != study_dir()

@@ -136,6 +136,12 @@ class TrainConfig:
     # Splits bigger than this are streamed from their files (imgpipe.streaming): same
     # numbers either way, so no role. None: half of the memory available (cgroups count).
     memory_budget_mb: int | None = None
+    # A sweep's pruning (imgpipe.sweep.pruning): which trials run all their epochs. It
+    # changes the sweep's result, not a training's, and a study may change it between runs.
+    sweep_pruner: str = "none"
+    sweep_pruner_startup_trials: int = 3
+    sweep_pruner_warmup_epochs: int = 1
+    sweep_pruner_percentile: float = 50.0
 
     def __post_init__(self) -> None:
         _device_from_seed_keys(self)

@@ -26,10 +26,9 @@ DEFAULT_PORT = 8080
 
 def find_study(config_name: str, argv: list[str]) -> tuple[str, str, str]:
     """(storage URL, study name, a note) for the sweep that ``argv`` configures."""
-    from imgpipe.config import TrainConfig, params_file_overrides
     from imgpipe.sweep.settings import load_settings
 
-    settings = load_settings(config_name, params_file_overrides(TrainConfig, argv), argv)
+    settings = load_settings(config_name, argv)
     url, name = settings.storage, settings.study_name
     if not url.startswith("sqlite:///"):
         return url, name, ""

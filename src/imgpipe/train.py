@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -99,12 +100,22 @@ class TrainResult:
         return self.val_loss, self.val_accuracy
 
 
+# Called by rank 0 after each epoch is logged and checkpointed, with the epoch, its metrics
+# and the MLflow run id; it may raise to end training there (a sweep prunes a trial so).
+EpochHook = Callable[[int, dict[str, float], str | None], None]
+
+
 def train(
-    cfg: TrainConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None
+    cfg: TrainConfig,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     """Train the CNN described by ``cfg``. ``parent_run_id`` nests the MLflow run under a
-    sweep's parent run; ``tags`` are added to the run's own. Started by torchrun, this
-    process is one rank of a group (``imgpipe.distributed``)."""
+    sweep's parent run; ``tags`` are added to the run's own; ``on_epoch`` sees every epoch
+    (``EpochHook``). Started by torchrun, this process is one rank of a group
+    (``imgpipe.distributed``)."""
     group = distributed.Group.from_env()
     distributed.quiet_other_ranks(group)
     distributed.check_world(cfg.nproc_per_node * cfg.nnodes, group)
@@ -113,11 +124,15 @@ def train(
     ckpt = cfg.model_checkpoint_dir_path
     held = runlock.lock(ckpt) if group.main else contextlib.nullcontext()
     with distributed.session(group), held:
-        return _train(cfg, parent_run_id, tags, group)
+        return _train(cfg, parent_run_id, tags, group, on_epoch)
 
 
 def _train(
-    cfg: TrainConfig, parent_run_id: str | None, tags: dict[str, str] | None, group: Group
+    cfg: TrainConfig,
+    parent_run_id: str | None,
+    tags: dict[str, str] | None,
+    group: Group,
+    on_epoch: EpochHook | None = None,
 ) -> TrainResult:
     started = time.perf_counter()
     tracking_uri = resolve_tracking_uri(cfg.mlflow_tracking_uri) if cfg.setup_mlflow else None
@@ -218,6 +233,8 @@ def _train(
                     tracker.run_id, group,
                 )  # fmt: skip
             epochs_s += time.perf_counter() - t0
+            if on_epoch is not None and group.main:
+                on_epoch(epoch, metrics, tracker.run_id)
 
         # the trained model
         if predicted is None:  # resumed a run that had already reached `epochs`

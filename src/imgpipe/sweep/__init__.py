@@ -115,6 +115,7 @@ def _run_and_finish(settings: SweepSettings, study: Any) -> dict[str, Any]:
             status,
             best_at_ms=best_at_ms,
             artifacts=result_paths(settings),
+            wait_s=float(settings.base["mlflow_outage_wait_s"]),
         )
     return best
 
@@ -138,12 +139,11 @@ def _show_progress(bar: progress.SweepBar, study: Any, settings: SweepSettings) 
 def main(config_name: str, argv: list[str]) -> None:
     """``python -u src/train_model.py --multirun [overrides]``: the sweep as a command."""
     from imgpipe.cli import fail, stopped
-    from imgpipe.config import TrainConfig, params_file_overrides
     from imgpipe.errors import PipelineError
     from imgpipe.logs import setup_logging
 
     try:
-        settings = load_settings(config_name, params_file_overrides(TrainConfig, argv), argv)
+        settings = load_settings(config_name, argv)
         setup_logging(settings.base["log_dir"])
         run_sweep(settings)
     except PipelineError as exc:

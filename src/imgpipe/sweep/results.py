@@ -8,6 +8,7 @@ from typing import Any
 
 from imgpipe.atomic import atomic_dir
 from imgpipe.errors import PipelineError
+from imgpipe.sweep.pruning import EPOCHS_ATTR
 from imgpipe.sweep.settings import OBJECTIVE_NAMES, TEST_NAMES, SweepSettings
 
 # The results folder, in the order write_results writes it.
@@ -37,8 +38,10 @@ def completed_ms(study: Any, best: dict[str, Any] | None) -> int:
 
 
 def trials_table(study) -> tuple[list[str], list[list[Any]]]:
+    """One row per trial (PRUNED ones too, with the epochs they trained); surplus trials,
+    opened by a worker after the study was full and never trained, are left out."""
     names = list(study.metric_names or OBJECTIVE_NAMES)
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus")]
     param_names = sorted({p for t in trials for p in t.params})
     header = [
         "number",
@@ -47,6 +50,7 @@ def trials_table(study) -> tuple[list[str], list[list[Any]]]:
         *(f"values_{n.replace('/', '_')}" for n in names),
         *(n.replace("/", "_") for n in TEST_NAMES),
         "duration_s",
+        EPOCHS_ATTR,
         "mlflow_run_id",
         "failure",
     ]
@@ -61,6 +65,7 @@ def trials_table(study) -> tuple[list[str], list[list[Any]]]:
                 *values,
                 *(t.user_attrs.get(n) for n in TEST_NAMES),
                 t.user_attrs.get("duration_s"),
+                t.user_attrs.get(EPOCHS_ATTR),
                 t.user_attrs.get("mlflow_run_id", ""),
                 t.user_attrs.get("failure", ""),
             ]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imgpipe.config import TrainConfig, conf_dir, result_keys, to_schema
+from imgpipe.compose import compose_stage
+from imgpipe.config import TrainConfig, result_keys, to_schema
 from imgpipe.cpus import available_cpus
 from imgpipe.errors import PipelineError
+from imgpipe.sweep.pruning import PrunerSettings, pruner_settings
 
 # What a trial returns, in order: validation metrics. Test is measured once per trial and
 # only reported (user attrs, the parent run), so the chosen trial's test score is unbiased.
@@ -42,9 +45,37 @@ class SweepSettings:
     threads_per_worker: int = 1
     shared_storage: bool = False
     fingerprint: str = ""
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)
 
 
 # --------------------------------------------------------------------------- search space
+
+
+# Conditional parameters: a key that only means something for some values of another is
+# drawn only in trials that take one of those values (else the trial keeps its fixed value
+# and the key is not among the trial's params), so the sampler does not learn from noise.
+CONDITIONS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "momentum": ("optimizer", ("sgd",)),
+    "nesterov": ("optimizer", ("sgd",)),
+    "gamma": ("scheduler", ("step",)),
+    "warmup_epochs": ("scheduler", ("cosine",)),
+}
+
+
+def applies(name: str, drawn: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether search-space key ``name`` applies, given the values drawn so far and the fixed ones."""
+    if name not in CONDITIONS:
+        return True
+    parent, values = CONDITIONS[name]
+    return drawn.get(parent, base.get(parent, values[0])) in values
+
+
+def search_distributions(search_space: dict[str, str]) -> dict[str, Any]:
+    """The search space as Optuna distributions, a conditioning key before the keys it
+    conditions (``CONDITIONS``)."""
+    dists = _distributions(search_space)
+    parents = {CONDITIONS[n][0] for n in dists if n in CONDITIONS}
+    return dict(sorted(dists.items(), key=lambda item: item[0] not in parents))
 
 
 def _distributions(search_space: dict[str, str]) -> dict[str, Any]:
@@ -67,21 +98,15 @@ def _distributions(search_space: dict[str, str]) -> dict[str, Any]:
 def _distribution(parser: Any, where: str, name: str, text: str) -> Any:
     """One search-space entry as an Optuna distribution with at least two values."""
     from hydra.errors import HydraException
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
-    from optuna.distributions import (
-        BaseDistribution,
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     try:
         (override,) = parser.parse_overrides([f"{name}={text}"])
-        dist = create_optuna_distribution_from_override(override)
+        dist = distribution_of(override)
     except (HydraException, ValueError, AssertionError, NotImplementedError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PipelineError(f"{where}: malformed search space {text!r} ({message})") from None
-    if not isinstance(dist, BaseDistribution):
+    if dist is None:
         raise PipelineError(f"{where}: {text!r} is a single value, not a range, choice or interval")
     single = (isinstance(dist, CategoricalDistribution) and len(dist.choices) < 2) or (
         isinstance(dist, FloatDistribution | IntDistribution) and dist.low == dist.high
@@ -92,6 +117,41 @@ def _distribution(parser: Any, where: str, name: str, text: str) -> Any:
             "or give range a step: range(a,b,step=s)"
         )
     return dist
+
+
+def distribution_of(override: Any) -> Any:
+    """A parsed sweep override as an Optuna distribution, by the rules of Hydra's Optuna
+    sweeper (written out here from Hydra's public override types: the plugin's converter
+    is not public). None for a single value."""
+    from hydra.core.override_parser.types import (
+        ChoiceSweep,
+        IntervalSweep,
+        RangeSweep,
+        Transformer,
+    )
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
+        return CategoricalDistribution(
+            list(override.sweep_iterator(transformer=Transformer.encode))
+        )
+    if isinstance(value, RangeSweep):
+        if value.start is None or value.stop is None:
+            raise ValueError("range needs a start and a stop")
+        if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
+            return FloatDistribution(value.start, value.stop, step=value.step)
+        return IntDistribution(int(value.start), int(value.stop), step=int(value.step))
+    if isinstance(value, IntervalSweep):
+        if value.start is None or value.end is None:
+            raise ValueError("interval needs a start and an end")
+        log = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(int(value.start), int(value.end), log=log)
+        return FloatDistribution(value.start, value.end, log=log)
+    if override.is_sweep_override():
+        raise NotImplementedError(f"{override.input_line} is not supported by the Optuna sweep")
+    return None
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -128,23 +188,28 @@ def sweep_fingerprint(base: dict[str, Any], space: dict[str, str], directions: l
 
 
 def load_settings(
-    config_name: str, file_overrides: list[str], cli_args: list[str]
+    config_name: str, cli_args: Sequence[str], legacy_cli_args: Sequence[str] | None = None
 ) -> SweepSettings:
-    """Compose conf/ with the overrides; split them into the search space and fixed values."""
+    """Compose the stage's config once (``imgpipe.compose.compose_stage``: conf/ < the params
+    file < the command line, checked against the schema), split the command line into the
+    search space and fixed values. (Callers of the old form ``(name, file_overrides,
+    cli_args)`` still work: the loader reads the params file itself now.)"""
     from omegaconf import OmegaConf
 
+    if legacy_cli_args is not None:
+        cli_args = legacy_cli_args
     source = f"conf/{config_name}.yaml"
-    cli_space, cli_fixed, fixed_keys = _split_overrides(cli_args)
-    cfg = _compose(config_name, cli_fixed, source, return_hydra_config=True)
+    cli_space, cli_fixed, fixed_keys = _split_overrides(list(cli_args))
+    cfg = compose_stage(config_name, cli_fixed, return_hydra_config=True)
     sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
     results_dir = str(cfg.hydra.sweep.dir)
     space = {k: str(v) for k, v in (sweeper.get("params") or {}).items()} | cli_space
     for key in fixed_keys & set(space):  # a fixed value on the command line wins, as in Hydra
         del space[key]
     _distributions(space)  # validate now, before any study or trial exists
-    base = _base_values(
-        config_name, source, cfg, file_overrides, cli_fixed, set(space) | fixed_keys
-    )
+    values = OmegaConf.to_container(cfg, resolve=False)
+    values.pop("hydra", None)
+    base = dataclasses.asdict(to_schema(TrainConfig, OmegaConf.create(values), source))
     directions = _directions(sweeper, source)
     n_trials = int(sweeper.get("n_trials") or 0)
     n_jobs = int(sweeper.get("n_jobs") or 1)
@@ -172,11 +237,17 @@ def load_settings(
         threads_per_worker=max(1, available_cpus() // n_jobs),
         shared_storage=not storage.startswith(("sqlite", "journal:")),
         fingerprint=fingerprint,
+        pruner=pruner_settings(base, directions),
     )
 
 
+SPACE_PREFIX = "hydra.sweeper.params."
+
+
 def _split_overrides(cli_args: list[str]) -> tuple[dict[str, str], list[str], set[str]]:
-    """The command line's sweeps (name -> search-space text), its fixed overrides and their keys."""
+    """The command line's search space (name -> search-space text), its fixed overrides and
+    their keys. A space is given as Hydra accepts it: ``lr=range(...)`` or
+    ``hydra.sweeper.params.lr=range(...)`` (quoted or not)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -184,43 +255,19 @@ def _split_overrides(cli_args: list[str]) -> tuple[dict[str, str], list[str], se
         parsed = OverridesParser.create().parse_overrides(cli_args)
     except HydraException as exc:
         raise PipelineError(f"malformed override: {str(exc).splitlines()[0]}") from None
-    space = {
-        o.get_key_element(): o.input_line.split("=", 1)[1] for o in parsed if o.is_sweep_override()
-    }
-    fixed = [o for o in parsed if not o.is_sweep_override()]
+    space: dict[str, str] = {}
+    fixed = []
+    for o in parsed:
+        key = o.get_key_element()
+        text = o.input_line.split("=", 1)[1]
+        if key.startswith(SPACE_PREFIX):
+            value = o.value()
+            space[key.removeprefix(SPACE_PREFIX)] = value if isinstance(value, str) else text
+        elif o.is_sweep_override():
+            space[key] = text
+        else:
+            fixed.append(o)
     return space, [o.input_line for o in fixed], {o.get_key_element() for o in fixed}
-
-
-def _compose(config_name: str, overrides: list[str], source: str, **kwargs: Any) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(str(conf_dir())):
-            return compose(config_name, overrides=overrides, **kwargs)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise PipelineError(f"{source}: {str(exc).splitlines()[0]}") from None
-
-
-def _base_values(
-    config_name: str,
-    source: str,
-    cfg: Any,
-    file_overrides: list[str],
-    cli_fixed: list[str],
-    cli_keys: set[str],
-) -> dict[str, Any]:
-    """Every trial's values: conf/ < params file (keys not searched) < command line."""
-    from omegaconf import OmegaConf
-
-    base_cfg = OmegaConf.to_container(cfg, resolve=False)
-    base_cfg.pop("hydra", None)
-    if file_overrides:
-        kept = [o for o in file_overrides if o.split("=", 1)[0] not in cli_keys]
-        layered = _compose(config_name, kept + cli_fixed, source)
-        base_cfg = OmegaConf.to_container(layered, resolve=True)
-    return dataclasses.asdict(to_schema(TrainConfig, base_cfg, source))
 
 
 def _directions(sweeper: dict[str, Any], source: str) -> list[str]:

@@ -38,8 +38,8 @@ def open_storage(url: str):
         return _journal_storage(Path(url.removeprefix("journal:")))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    heartbeat = _seconds_from_env(HEARTBEAT_ENV, HEARTBEAT_S)
-    grace = _seconds_from_env(GRACE_ENV, GRACE_S)
+    heartbeat = seconds_from_env(HEARTBEAT_ENV, HEARTBEAT_S)
+    grace = seconds_from_env(GRACE_ENV, GRACE_S)
     if grace <= heartbeat:  # a live worker would be judged dead between two heartbeats
         raise PipelineError(f"{GRACE_ENV}={grace} must be above {HEARTBEAT_ENV}={heartbeat}")
     last: Exception | None = None
@@ -53,7 +53,9 @@ def open_storage(url: str):
         except Exception as exc:  # sqlalchemy raises many types for a bad or unreachable URL
             last = exc
             text = str(exc).lower()
-            if "already exists" in text or "locked" in text:
+            # Processes creating the same new database at once: the loser of the race
+            # sees a table or alembic's version row being created; it retries and joins.
+            if any(w in text for w in ("already exists", "locked", "unique constraint")):
                 time.sleep(0.2 * (attempt + 1))
                 continue
             break
@@ -69,7 +71,12 @@ def _journal_storage(path: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
-def _seconds_from_env(name: str, default: int) -> int:
+def grace_seconds() -> float:
+    """How old a heartbeat may be before its trial counts as dead (the storage's grace)."""
+    return float(seconds_from_env(GRACE_ENV, GRACE_S))
+
+
+def seconds_from_env(name: str, default: int) -> int:
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -93,7 +100,9 @@ def _rdb_storage(url: str, heartbeat: int, grace: int):
         engine_kwargs=engine_kwargs,
         heartbeat_interval=heartbeat,
         grace_period=grace,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+            max_retry=MAX_RETRY, inherit_intermediate_values=True
+        ),
     )
 
 
@@ -195,9 +204,12 @@ class Census:
 
 
 def counts_towards_n_trials(trial: Any) -> bool:
-    """Complete, or failed for a reason of its own (a trial whose worker died is retried)."""
+    """Complete, pruned (by the pruner, not as surplus), or failed for a reason of its own
+    (a trial whose worker died or was stopped is retried instead)."""
     from optuna.trial import TrialState
 
+    if trial.state == TrialState.PRUNED:
+        return not trial.user_attrs.get("surplus")
     return trial.state == TrialState.COMPLETE or (
         trial.state == TrialState.FAIL and "failure" in trial.user_attrs
     )
@@ -217,6 +229,36 @@ def census(study) -> Census:
     return Census(finished, running, waiting)
 
 
+# --------------------------------------------------------------------------- workers' identity
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+
+
+def worker_identity() -> dict[str, Any]:
+    """What tells this worker apart, kept on each trial it runs: the host name (for people),
+    and the boot id, the PID namespace and the pid (for the dead-worker check). Two workers
+    under one host name in different PID namespaces (a container with host networking,
+    ``unshare --pid``) may share a pid number; they never share the namespace."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": _pid_namespace(),
+    }
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -227,28 +269,60 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def fail_dead_local_trials(study) -> None:
-    """Fail (and retry) RUNNING trials whose worker process on this machine is gone.
+def died_here(attrs: dict[str, Any], me: dict[str, Any]) -> bool:
+    """Whether the worker named by a trial's ``attrs`` ran in this machine's boot and this
+    PID namespace, and its process is gone. Anything else is left to the heartbeat."""
+    if not me["boot_id"] or not me["pid_ns"]:  # no /proc: only the heartbeat can tell
+        return False
+    same = attrs.get("boot_id") == me["boot_id"] and attrs.get("pid_ns") == me["pid_ns"]
+    return same and not _pid_alive(int(attrs.get("pid", -1)))
 
-    Trials of other machines are failed by Optuna's heartbeat check instead,
-    once their heartbeat is older than the grace period.
-    """
+
+def orphaned(trial: Any) -> bool:
+    """A RUNNING trial no worker ever claimed (its creation committed while the answer was
+    lost in a database outage): no worker identity long after it started."""
+    import datetime
+
+    if "pid" in trial.user_attrs or trial.datetime_start is None:
+        return False
+    age = datetime.datetime.now() - trial.datetime_start  # the storage's naive local time
+    return age.total_seconds() > 3 * grace_seconds()
+
+
+def fail_and_retry(study, storage, number: int) -> bool:
+    """FAIL the RUNNING trial ``number`` (without a ``failure``: it does not count) and queue
+    its retry; False when another worker got there first. Through the storage object this
+    worker opened (public ``BaseStorage`` methods), so exactly one worker wins the race."""
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    try:
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # another worker got there first
+    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(
+        study, storage.get_trial(trial_id)
+    )
+    return True
+
+
+def fail_dead_local_trials(study, storage) -> None:
+    """Fail (and retry) RUNNING trials whose worker process on this machine, in this PID
+    namespace, is gone. Other workers' trials are failed by Optuna's heartbeat check
+    instead, once their heartbeat is older than the grace period."""
+    from optuna.trial import TrialState
+
+    me = worker_identity()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get("host") != host or _pid_alive(int(t.user_attrs.get("pid", -1))):
-            continue
-        try:
-            if not study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                continue
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker got there first
-        log.warning(
-            "trial %d: its worker (pid %s) died; retrying it", t.number, t.user_attrs.get("pid")
-        )
-        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(
-            study, study._storage.get_trial(t._trial_id)
-        )
+        if orphaned(t) and fail_and_retry(study, storage, t.number):
+            log.warning("trial %d was never taken by a worker; queueing it again", t.number)
+        elif died_here(t.user_attrs, me) and fail_and_retry(study, storage, t.number):
+            log.warning(
+                "trial %d: its worker (pid %s) died; retrying it",
+                t.number,
+                t.user_attrs.get("pid"),
+            )

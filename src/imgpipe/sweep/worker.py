@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,13 +17,23 @@ from typing import Any
 from imgpipe import progress, stop
 from imgpipe.config import TrainConfig, to_schema
 from imgpipe.errors import PipelineError
-from imgpipe.sweep.settings import SweepSettings, _distributions
+from imgpipe.sweep.pruning import EpochJudge, Pruned, optuna_pruner
+from imgpipe.sweep.resilience import (
+    Heartbeat,
+    StorageUnreachable,
+    note,
+    recently_cut_off,
+    retrying,
+)
+from imgpipe.sweep.settings import OBJECTIVE_NAMES, SweepSettings, applies, search_distributions
 from imgpipe.sweep.study import (
-    MAX_RETRY,
     census,
     counts_towards_n_trials,
+    fail_and_retry,
     fail_dead_local_trials,
+    grace_seconds,
     open_storage,
+    worker_identity,
 )
 from imgpipe.tracking.store import HPTUNING_TAG_ENV
 
@@ -40,20 +48,22 @@ STOP_GRACE_S = 7.0
 # --------------------------------------------------------------------------- sampler
 
 
-def worker_seed(settings: SweepSettings, index: int) -> int | None:
-    """Worker 0 of a local study keeps the configured seed (reproducible); every other
-    worker, and every worker on shared storage, mixes in its host, index and pid."""
+def trial_seed(settings: SweepSettings, number: int) -> int | None:
+    """The sampler's seed for trial ``number``: the configured seed mixed with the trial's
+    number. Trial numbers are handed out once by the storage, so workers anywhere (any
+    number of ``--multirun`` processes, machines) never draw from identical seeds, while
+    one worker alone draws the same trials every time (reproducible)."""
     base = settings.sampler.get("seed")
     if base is None:
         return None
-    if index == 0 and not settings.shared_storage:
-        return int(base)
-    key = f"{base}:{socket.gethostname()}:{index}:{os.getpid()}".encode()
+    key = f"{base}:trial:{number}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
 
 
-def make_sampler(settings: SweepSettings, index: int):
-    """The configured sampler (``_target_`` must be an Optuna sampler) with this worker's seed."""
+def make_sampler(settings: SweepSettings, seed: int | None):
+    """The configured sampler (``_target_`` must be an Optuna sampler) with ``seed``. TPE
+    runs with ``constant_liar`` unless configured otherwise: trials running elsewhere
+    count as bad ones, so parallel workers spread out instead of proposing alike."""
     import optuna
     from hydra.utils import get_class
 
@@ -62,7 +72,9 @@ def make_sampler(settings: SweepSettings, index: int):
     cls = get_class(target)
     if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)):
         raise PipelineError(f"hydra.sweeper.sampler._target_: {target} is not an Optuna sampler")
-    spec["seed"] = worker_seed(settings, index)
+    spec["seed"] = seed
+    if issubclass(cls, optuna.samplers.TPESampler):
+        spec.setdefault("constant_liar", True)
     try:
         return cls(**spec)
     except TypeError as exc:
@@ -72,11 +84,42 @@ def make_sampler(settings: SweepSettings, index: int):
 # --------------------------------------------------------------------------- one trial
 
 
-def _trial_config(settings: SweepSettings, trial, params: dict[str, Any]) -> TrainConfig:
+def suggest(trial, name: str, dist: Any) -> Any:
+    """Draw ``name`` from ``dist`` through Optuna's public ``suggest_*``."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def draw_params(trial, space: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The trial's params: every key of ``space`` (in order) that applies given those drawn
+    before it and the fixed ``base`` values (``settings.CONDITIONS``)."""
+    params: dict[str, Any] = {}
+    for name, dist in space.items():
+        if applies(name, params, base):
+            params[name] = suggest(trial, name, dist)
+    return params
+
+
+def frozen(study, number: int):
+    """The stored record of trial ``number`` (``study.get_trials``: the public view)."""
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number:
+            return t
+    raise LookupError(f"trial {number} is not in study {study.study_name!r}")
+
+
+def _trial_config(settings: SweepSettings, record, params: dict[str, Any]) -> TrainConfig:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
-    home = Path(settings.study_dir) / "trials" / str(origin if origin is not None else trial.number)
+    origin = RetryHeartbeatStaleTrialCallback.retried_trial_number(record)
+    home = (
+        Path(settings.study_dir) / "trials" / str(origin if origin is not None else record.number)
+    )
     values = (
         settings.base
         | params
@@ -84,14 +127,14 @@ def _trial_config(settings: SweepSettings, trial, params: dict[str, Any]) -> Tra
             "model_checkpoint_dir_path": str(home / "models"),
             "live_dir_path": str(home / "dvclive"),
             "live_images": False,  # nobody looks at a trial's; 1 s each (bench/NOTES.md)
-            "mlflow_run_name": f"trial-{trial.number}",
+            "mlflow_run_name": f"trial-{record.number}",
             # Only the sweep registers, and only its best trial (imgpipe.tracking.registry).
             "mlflow_registered_model_name": None,
             # A retry continues its own trial's checkpoint; a new trial never reads another's.
             "resume": origin is not None,
         }
     )
-    return to_schema(TrainConfig, values, f"trial {trial.number}")
+    return to_schema(TrainConfig, values, f"trial {record.number}")
 
 
 def _is_surplus(study, trial, n_trials: int) -> bool:
@@ -107,70 +150,99 @@ def _is_surplus(study, trial, n_trials: int) -> bool:
     return earlier >= n_trials
 
 
-def _train_trial(trial, settings: SweepSettings, study, distributions: dict[str, Any], index: int):
-    """Draw the trial's params and train it; the TrainResult."""
+def _train_trial(trial, settings: SweepSettings, study, space: dict[str, Any], index: int):
+    """Draw the trial's params (conditional ones only where they apply) and train it."""
     from imgpipe.train import train
 
-    params = {name: trial._suggest(name, dist) for name, dist in distributions.items()}
-    cfg = _trial_config(settings, study._storage.get_trial(trial._trial_id), params)
+    study.sampler = make_sampler(settings, trial_seed(settings, trial.number))
+    params = draw_params(trial, space, settings.base)
+    cfg = _trial_config(settings, retrying(lambda: frozen(study, trial.number)), params)
     log.info("trial %d (worker %d): %s", trial.number, index, params)
+    judge = EpochJudge(
+        trial, study, settings.pruner, settings.directions, OBJECTIVE_NAMES[0], cfg.epochs
+    )
     return train(
         cfg,
         parent_run_id=settings.parent_run_id,
         tags={"trial_number": str(trial.number), "optuna_study": settings.study_name},
+        on_epoch=judge,
     )
 
 
 def run_trial(
-    trial, *, settings: SweepSettings, study, distributions: dict[str, Any], index: int
+    trial, *, settings: SweepSettings, study, storage, space: dict[str, Any], index: int
 ) -> tuple[float, ...]:
     """The objective: train one trial; its objectives, as many as the study has directions."""
     import optuna
 
-    trial.set_user_attr("host", socket.gethostname())
-    trial.set_user_attr("pid", os.getpid())
-    if _is_surplus(study, trial, settings.n_trials):
-        trial.set_user_attr("surplus", True)
+    for key, value in worker_identity().items():
+        note(trial, key, value)
+    if retrying(lambda: _is_surplus(study, trial, settings.n_trials)):
+        note(trial, "surplus", True)
         raise optuna.TrialPruned("study already has n_trials trials")
     started = time.perf_counter()
     try:
-        result = _train_trial(trial, settings, study, distributions, index)
+        result = _train_trial(trial, settings, study, space, index)
     except stop.Stopped:
-        _retry_later(study, trial)
+        _retry_later(study, storage, trial.number)
+        raise
+    except Pruned as exc:
+        note(trial, "duration_s", round(time.perf_counter() - started, 3))
+        if exc.run_id:
+            note(trial, "mlflow_run_id", exc.run_id)
+            mark_pruned_run(settings.base["mlflow_tracking_uri"], exc.run_id, exc.epoch)
+        log.info("trial %d pruned after epoch %d", trial.number, exc.epoch)
+        raise optuna.TrialPruned(str(exc)) from None
+    except StorageUnreachable:
         raise
     except Exception as exc:  # Ctrl-C is not a failure: that trial is retried next time
         if run_id := getattr(exc, "run_id", None):
-            trial.set_user_attr("mlflow_run_id", run_id)
+            note(trial, "mlflow_run_id", run_id)
         # Recorded before Optuna marks the trial FAIL: a genuine failure counts
         # towards n_trials, unlike a trial whose worker died (that one is retried).
-        trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}"[:500])
-        trial.set_user_attr("duration_s", round(time.perf_counter() - started, 3))
+        note(trial, "failure", f"{type(exc).__name__}: {exc}"[:500])
+        note(trial, "duration_s", round(time.perf_counter() - started, 3))
         log.warning("trial %d failed: %s", trial.number, exc)
         raise
     if result.run_id:
-        trial.set_user_attr("mlflow_run_id", result.run_id)
-    trial.set_user_attr("duration_s", round(time.perf_counter() - started, 3))
-    trial.set_user_attr("train_s", round(result.timings.epochs_s, 3))
+        note(trial, "mlflow_run_id", result.run_id)
+    note(trial, "duration_s", round(time.perf_counter() - started, 3))
+    note(trial, "train_s", round(result.timings.epochs_s, 3))
     # Reported, never optimised: the parent run shows the chosen trial's test metrics.
-    trial.set_user_attr("test/loss", result.test_loss)
-    trial.set_user_attr("test/accuracy", result.test_accuracy)
+    note(trial, "test/loss", result.test_loss)
+    note(trial, "test/accuracy", result.test_accuracy)
     values = result.objectives
     if not all(math.isfinite(v) for v in values):
-        trial.set_user_attr("failure", f"non-finite objective {values}")  # Optuna fails it
+        note(trial, "failure", f"non-finite objective {values}")  # Optuna fails it
     return values[: len(settings.directions)]
 
 
-def _retry_later(study, trial) -> None:
+def mark_pruned_run(tracking_uri: str | None, run_id: str, epoch: int) -> None:
+    """A pruned trial's MLflow run: status KILLED, tags ``pruned=true`` and the epoch. A
+    tracking server that is gone costs the marks, never the sweep (training runs keep going
+    through outages the same way)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    from imgpipe.tracking.outbox import send_failures
+    from imgpipe.tracking.store import resolve_tracking_uri
+
+    try:
+        client = MlflowClient(resolve_tracking_uri(tracking_uri))
+        client.log_batch(
+            run_id, tags=[RunTag("pruned", "true"), RunTag("pruned_at_epoch", str(epoch))]
+        )
+        client.set_terminated(run_id, status="KILLED")
+    except send_failures() as exc:
+        log.warning("MLflow run %s: could not mark it pruned (%s)", run_id, type(exc).__name__)
+
+
+def _retry_later(study, storage, number: int) -> None:
     """A stopped trial is no failure: FAIL it without a ``failure`` (so it does not count
     towards n_trials) and queue its retry, which resumes the trial's own checkpoint. Done
     here, not left to the dead-pid check, so a worker on any machine is retried at once."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from optuna.trial import TrialState
-
-    storage = study._storage
-    storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, storage.get_trial(trial._trial_id))
-    log.warning("trial %d stopped: the next run of the sweep continues it", trial.number)
+    if retrying(lambda: fail_and_retry(study, storage, number), what="queueing a retry"):
+        log.warning("trial %d stopped: the next run of the sweep continues it", number)
 
 
 # --------------------------------------------------------------------------- workers
@@ -189,16 +261,16 @@ def run_worker(
     torch.set_num_threads(settings.threads_per_worker)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(settings.storage)
-    study = optuna.load_study(
-        study_name=settings.study_name, storage=storage, sampler=make_sampler(settings, index)
+    study = retrying(
+        lambda: optuna.load_study(
+            study_name=settings.study_name,
+            storage=storage,
+            sampler=make_sampler(settings, trial_seed(settings, -1 - index)),
+            pruner=optuna_pruner(settings.pruner, int(settings.base["epochs"])),
+        ),
+        what="loading the study",
     )
-    objective = functools.partial(
-        run_trial,
-        settings=settings,
-        study=study,
-        distributions=_distributions(settings.search_space),
-        index=index,
-    )
+    space = search_distributions(settings.search_space)
     if settings.hptuning_tag:
         os.environ[HPTUNING_TAG_ENV] = settings.hptuning_tag
     ran = 0
@@ -208,9 +280,8 @@ def run_worker(
                 f"sweep worker {index} ran {ran} trials without the study finishing"
             )
         stop.check()  # between trials: no new one once a stop was asked for
-        optuna.storages.fail_stale_trials(study)
-        fail_dead_local_trials(study)
-        now = census(study)
+        look_after_dead_trials(study, storage)
+        now = retrying(lambda: census(study), what="counting trials")
         if on_progress is not None:
             on_progress()
         if now.finished >= settings.n_trials:
@@ -218,9 +289,66 @@ def run_worker(
         if now.finished + now.running >= settings.n_trials and not now.waiting:
             time.sleep(POLL_S)  # the last trials are running elsewhere; one may still fail stale
             continue
-        study.optimize(objective, n_trials=1, catch=(Exception,))
+        run_one(study, storage, settings, space, index)
         ran += 1
     return ran
+
+
+def look_after_dead_trials(study, storage) -> None:
+    """Fail (and retry) trials whose worker died: on this machine at once, elsewhere once
+    their heartbeat is older than the grace period. Not right after this worker itself lost
+    the database: the others' heartbeats could not arrive either."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    if isinstance(storage, RDBStorage) and not recently_cut_off(grace_seconds()):
+        retrying(lambda: optuna.storages.fail_stale_trials(study), what="failing stale trials")
+    retrying(lambda: fail_dead_local_trials(study, storage), what="failing dead trials")
+
+
+def run_one(study, storage, settings: SweepSettings, space: dict[str, Any], index: int) -> None:
+    """Ask the study for a trial, train it with its heartbeat kept up, tell the outcome. Every
+    storage call is retried through an outage; telling the end is safe to repeat."""
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    trial = retrying(study.ask, what="asking for a trial")
+    beat: Any = contextlib.nullcontext()
+    if isinstance(storage, RDBStorage) and storage.get_heartbeat_interval():
+        trial_id = retrying(
+            lambda: storage.get_trial_id_from_study_id_trial_number(
+                storage.get_study_id_from_name(study.study_name), trial.number
+            )
+        )
+        beat = Heartbeat(storage, trial_id, float(storage.get_heartbeat_interval()))
+
+    def tell(values: Any = None, state: Any = None) -> None:
+        retrying(
+            lambda: study.tell(trial, values, state=state),
+            what=f"telling trial {trial.number}",
+            after_retry=lambda: study.tell(trial, values, state=state, skip_if_finished=True),
+        )
+
+    with beat:
+        try:
+            values = run_trial(
+                trial, settings=settings, study=study, storage=storage, space=space, index=index
+            )
+        except optuna.TrialPruned:
+            tell(state=TrialState.PRUNED)
+            return
+        except stop.Stopped:
+            raise  # the trial was queued for its retry
+        except StorageUnreachable:
+            raise  # no tell possible; the trial is retried once its worker is seen dead
+        except Exception:  # run_trial logged and recorded the failure
+            tell(state=TrialState.FAIL)
+            return
+    if all(math.isfinite(v) for v in values):
+        tell(values=list(values))
+    else:
+        tell(state=TrialState.FAIL)
 
 
 def _worker_entry(settings: SweepSettings, index: int, log_dir: str, parent: int) -> None:

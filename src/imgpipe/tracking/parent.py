@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from imgpipe.redact import redact_url
 from imgpipe.tracking.create import create_run_once
+from imgpipe.tracking.outbox import FIRST_DELAY_S, MAX_DELAY_S, failure_reason, send_failures
 from imgpipe.tracking.store import (
     check_tracking_uri,
     ensure_experiment,
@@ -66,6 +68,7 @@ def finish_parent_run(
     *,
     best_at_ms: int,
     artifacts: Sequence[str | Path],
+    wait_s: float = 120.0,
 ) -> None:
     """Record the best trial (and the result files ``artifacts``) on the parent run; end it.
 
@@ -78,13 +81,54 @@ def finish_parent_run(
     tag inserts there, not in ``set_tag``) and the metrics carry the best trial's completion
     time ``best_at_ms`` as their timestamp, so the machines write identical rows and the run
     keeps one.
+
+    Through a tracking outage, as training runs do: the writes are retried with backoff for
+    ``wait_s`` seconds (``mlflow_outage_wait_s``); then one warning says what is missing and
+    the sweep still ends well (its results folder is the record).
     """
     if not run_id:
         return
+    uri = resolve_tracking_uri(tracking_uri)
+    deadline = time.monotonic() + wait_s
+    delay = FIRST_DELAY_S
+    while True:
+        try:
+            _record(uri, run_id, best, status, best_at_ms, artifacts)
+            return
+        except send_failures() as exc:
+            if time.monotonic() + delay > deadline:
+                # The results folder holds everything; the writes are idempotent, so the
+                # same command run again (the study is done: no trial runs) records it.
+                log.warning(
+                    "parent run %s at %s: best trial and status not recorded (%s); run the "
+                    "sweep again once tracking answers to record them",
+                    run_id,
+                    redact_url(uri),
+                    failure_reason(exc, uri),
+                )
+                return
+            log.warning(
+                "parent run %s: tracking unreachable (%s), retrying in %.0fs",
+                run_id,
+                failure_reason(exc, uri),
+                delay,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY_S)
+
+
+def _record(
+    uri: str,
+    run_id: str,
+    best: dict[str, Any] | None,
+    status: str,
+    best_at_ms: int,
+    artifacts: Sequence[str | Path],
+) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    client = MlflowClient(uri)
     if best is not None:
         tags = {
             "best_trial": str(best["trial"]),

@@ -1,0 +1,226 @@
+"""Sweeps and their database: PostgreSQL restarting or stalling under a running sweep (a
+test-owned TCP proxy on 127.0.0.1 in front of the machine's PostgreSQL), and workers that
+tell each other apart across PID namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import IN_CI
+from imgpipe.testing import REPO
+
+pytestmark = pytest.mark.slow
+
+POSTGRES = ("127.0.0.1", 5432)
+POSTGRES_URL = "postgresql://postgres@{host}:{port}/test"
+
+
+class FaultyProxy:
+    """A TCP relay to PostgreSQL that the test can break: ``drop()`` closes every connection
+    and refuses new ones until ``restore()`` (a restart), ``stall()`` stops relaying bytes
+    in both directions, held connections and new ones alike, until ``restore()``."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.mode = "pass"
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.mode == "down":
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            with self.lock:
+                self.pairs.append((client, upstream))
+            threading.Thread(target=self._relay, args=(client, upstream), daemon=True).start()
+
+    def _relay(self, a: socket.socket, b: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(a, selectors.EVENT_READ, b)
+        sel.register(b, selectors.EVENT_READ, a)
+        try:
+            while not self.closed:
+                if self.mode == "stall":
+                    time.sleep(0.05)
+                    continue
+                for key, _ in sel.select(timeout=0.1):
+                    if self.mode == "stall":
+                        break
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            a.close()
+            b.close()
+
+    def drop(self) -> None:
+        self.mode = "down"
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for a, b in pairs:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        self.mode = "stall"
+
+    def restore(self) -> None:
+        self.mode = "pass"
+
+    def close(self) -> None:
+        self.closed = True
+        self.drop()
+        self.listener.close()
+
+
+def postgres_or_skip() -> None:
+    try:
+        socket.create_connection(POSTGRES, timeout=2).close()
+    except OSError as exc:
+        if IN_CI:
+            pytest.fail(f"CI must provide PostgreSQL on {POSTGRES}: {exc}")
+        pytest.skip(f"no PostgreSQL on {POSTGRES}")
+
+
+def test_a_database_restart_and_a_30s_stall_mid_sweep_lose_no_trial(
+    sample_processed: Path, tmp_path: Path
+) -> None:
+    import optuna
+
+    postgres_or_skip()
+    proxy = FaultyProxy(POSTGRES)
+    url = POSTGRES_URL.format(host="127.0.0.1", port=proxy.port)
+    direct = POSTGRES_URL.format(host=POSTGRES[0], port=POSTGRES[1])
+    study_name = f"faults-{uuid.uuid4().hex[:10]}"
+    env = os.environ | {"IMGPIPE_SWEEP_HEARTBEAT_S": "2", "IMGPIPE_SWEEP_GRACE_S": "8"}
+    args = [
+        "--multirun",
+        f"data_dir_path={sample_processed}",
+        "epochs=3",
+        "lr=interval(0.5,2.0)",
+        f"hydra.sweeper.storage={url}",
+        f"hydra.sweeper.study_name={study_name}",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.n_jobs=2",
+        f"hydra.sweep.dir={tmp_path / 'sweep' / 'results'}",
+        "setup_mlflow=false",
+        f"log_dir={tmp_path / 'logs'}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any("epoch 1/3" in line for line in lines):  # trials are training
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        proxy.drop()  # a restart: every connection cut, new ones refused for 2 s
+        time.sleep(2)
+        proxy.restore()
+        while sum("epoch" in line for line in lines) < 6 and proc.poll() is None:
+            time.sleep(0.2)
+        proxy.stall()  # stops answering for 30 s: longer than the grace period
+        time.sleep(30)
+        proxy.restore()
+        proc.wait(timeout=400)
+        reader.join(5)
+        output = "".join(lines)
+        assert proc.returncode == 0, output
+        assert "Traceback" not in output
+        study = optuna.load_study(study_name=study_name, storage=direct)
+        states = [t.state.name for t in study.trials]
+        assert states.count("COMPLETE") == 4, states
+        assert "FAIL" not in states, states  # no trial failed (and so none trained twice)
+        # Every trial trained its epochs once: 3 epoch lines per trial, no more.
+        assert sum("/3  train loss" in line for line in lines) == 12, output
+    finally:
+        proc.kill()
+        proxy.close()
+        optuna.delete_study(study_name=study_name, storage=direct)
+
+
+IDENTITY = (
+    "import json; from imgpipe.sweep.study import worker_identity; "
+    "print(json.dumps(worker_identity()))"
+)
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root")
+def test_a_live_worker_in_another_pid_namespace_is_never_failed_by_a_neighbour(
+    tmp_path: Path,
+) -> None:
+    """Same host name, same boot, another PID namespace (a container with host networking):
+    its pid means nothing here, so only the heartbeat may judge it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from imgpipe.sweep.study import fail_dead_local_trials, worker_identity
+
+    other = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", IDENTITY],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    theirs = json.loads(other.stdout)
+    mine = worker_identity()
+    assert theirs["host"] == mine["host"] and theirs["boot_id"] == mine["boot_id"]
+    assert theirs["pid_ns"] != mine["pid_ns"]
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage)
+    gone = dead_pid()
+    neighbour = study.ask()  # alive in its namespace; its pid number is dead here
+    for key, value in (theirs | {"pid": gone}).items():
+        neighbour.set_user_attr(key, value)
+    ours = study.ask()  # a worker of this namespace that died
+    for key, value in (mine | {"pid": gone}).items():
+        ours.set_user_attr(key, value)
+
+    fail_dead_local_trials(study, storage)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[neighbour.number] == TrialState.RUNNING
+    assert states[ours.number] == TrialState.FAIL
+    retried = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert len(retried) == 1 and retried[0].user_attrs["pid"] == gone
