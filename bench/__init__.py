@@ -31,5 +31,6 @@ SECTIONS: dict[str, str] = {
     "streaming": "streaming training against the in-memory path: speed, peak memory",
     "ddp": "DDP on the CPU: processes against threads, start-up",
     "gpu": "everything a GPU changes (on a CUDA machine)",
+    "models": "augmentation cost, and a timm epoch through the stage against a bare loop",
 }
 DEFAULT = "pipeline"

@@ -101,3 +101,20 @@ def test_decode_bench_smoke_produces_every_row(tmp_path: Path) -> None:
         row = next(r for r in rows if r[0].startswith(f"{kind}: {decoder} tight loop"))
         assert "identical to Pillow" in row[1], row
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
+
+
+@pytest.mark.slow
+def test_models_bench_smoke_produces_every_row(tmp_path: Path) -> None:
+    result = run_bench("models", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "models.json").read_text())["rows"]
+    measures = " ".join(row[0] for row in rows)
+    for expected in (
+        "augment=basic, per batch",
+        "augment=strong, per batch",
+        "convnet: samples/s augment=basic / none",
+        "tf_efficientnet_lite0: samples/s augment=basic / none",
+        "tf_efficientnet_lite0 epoch: stage / bare loop",
+    ):
+        assert expected in measures, (expected, measures)
+    assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
