@@ -173,7 +173,7 @@ def fetch_model(uri: str, tracking_uri: str, dest: str | os.PathLike[str]) -> Fe
     digests recorded for it; PipelineError (one line) when one differs or none were."""
     from mlflow import MlflowClient
 
-    from imgpipe.tracking.registry import registry_errors
+    from imgpipe.tracking.store import registry_errors
 
     with registry_errors(tracking_uri, uri):
         client = MlflowClient(tracking_uri)

@@ -16,15 +16,13 @@ run and the version it used. The champion loads with
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineError
-from imgpipe.redact import redact_url
+from imgpipe.tracking.store import registry_errors
 
 log = logging.getLogger(__name__)
 
@@ -283,20 +281,6 @@ def _mlflow_error() -> type[Exception]:
     from mlflow.exceptions import MlflowException
 
     return MlflowException
-
-
-@contextlib.contextmanager
-def registry_errors(tracking_uri: str, name: str) -> Iterator[None]:
-    """A store that cannot be reached or refuses: one line naming it (password hidden)."""
-    from imgpipe.tracking.outbox import failure_reason, send_failures
-
-    try:
-        yield
-    except send_failures() as exc:
-        raise PipelineError(
-            f"model registry at {redact_url(tracking_uri)}: model {name!r}: "
-            f"{failure_reason(exc, tracking_uri)}"
-        ) from None
 
 
 # --------------------------------------------------------------------------- by hand

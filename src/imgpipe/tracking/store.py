@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -175,3 +177,18 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race
             raise
         return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def registry_errors(tracking_uri: str, name: str) -> Iterator[None]:
+    """A model registry that cannot be reached or refuses: one line naming it and the model
+    (password hidden). Here, below the registry and the model files that both use it."""
+    from imgpipe.tracking.outbox import failure_reason, send_failures
+
+    try:
+        yield
+    except send_failures() as exc:
+        raise PipelineError(
+            f"model registry at {redact_url(tracking_uri)}: model {name!r}: "
+            f"{failure_reason(exc, tracking_uri)}"
+        ) from None
