@@ -13,7 +13,8 @@ final val accuracy is reported so that can be checked), runs of both kinds alter
   standard errors of a val accuracy) of the unpruned sweep's final best; the pruned
   sweep's epochs and time to that target over the unpruned sweep's (target: <= 0.6x each);
 - 2 workers against 1 on one journal-file study (`hydra.sweeper.n_jobs`): wall time.
-MLflow is off in these runs (the same for all): what is measured is the sweep.
+MLflow is off in these runs (the same for all): what is measured is the sweep. OpenMP
+threads wait passively (OMP_WAIT_POLICY=PASSIVE) in every run: see bench/ddp.py.
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ def run_sweep(work: Path, data: Path, name: str, trials: int, epochs: int, *extr
         *SPACE,
         *extra,
     ]
+    # Threads that wait sleep instead of spinning: on a shared machine a spinning OpenMP
+    # team loses most of its time slices (bench/ddp.py), the same for every sweep here.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args],
         cwd=work,
+        env=env,
         capture_output=True,
         text=True,
         check=False,
@@ -72,18 +77,26 @@ def run_sweep(work: Path, data: Path, name: str, trials: int, epochs: int, *extr
         raise SystemExit(f"error: sweep {name} failed: {done.stderr.strip().splitlines()[-1:]}")
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     (summary,) = optuna.get_all_study_summaries(storage)
-    return optuna.load_study(study_name=summary.study_name, storage=storage), wall
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    return Sweep(list(study.trials)), wall  # read now: the folder goes away
 
 
-def epochs_trained(study) -> int:
+class Sweep:
+    """What one sweep's trials say (frozen trials, read before their folder is removed)."""
+
+    def __init__(self, trials: list) -> None:
+        self.trials = trials
+
+
+def epochs_trained(study: Sweep) -> int:
     return sum(int(t.user_attrs.get("epochs_trained") or 0) for t in study.trials)
 
 
-def final_accuracies(study) -> list[float]:
+def final_accuracies(study: Sweep) -> list[float]:
     return [t.values[1] for t in study.trials if t.state.name == "COMPLETE"]
 
 
-def seconds_to(study, target: float) -> float:
+def seconds_to(study: Sweep, target: float) -> float:
     """From the sweep's first trial start until a complete trial reaches ``target``."""
     start = min(t.datetime_start for t in study.trials if t.datetime_start)
     done = sorted(
@@ -153,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         intro = (
             f"Sample digits ({n_val} val images), {trials} trials x {epochs} epochs, space "
             f"{' '.join(SPACE)}, TPE seed 55, {available_cpus()} CPUs, median of {rounds} "
-            f"alternated rounds, load average {load:.1f} at the end, MLflow off."
+            f"alternated rounds, load average {load:.1f} at the end, MLflow off, "
+            "OMP_WAIT_POLICY=PASSIVE."
         )
         data_out = {
             "plain_wall_s": [w for _, w in plain],
