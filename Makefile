@@ -147,8 +147,9 @@ data: $(SETUP) ## Materialise the sample digits in data/raw (kept if data/raw ex
 	  fi; \
 	fi
 
-params: $(SETUP) ## Regenerate params.yaml from conf/ (conf/ is the source of truth)
+params: $(SETUP) ## Regenerate params.yaml (and the docs' configuration reference) from conf/ (conf/ is the source of truth)
 	@$(BIN)/imgpipe params write $(PARAMS)
+	@if [ -d docs ]; then $(BIN)/imgpipe config reference docs/configuration.md >/dev/null; fi
 
 run: data params ## Run the pipeline: process_data -> train -> sweep (dvc repro)
 	$(BIN)/dvc repro
