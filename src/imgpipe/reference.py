@@ -46,6 +46,12 @@ with `imgpipe config show train_model lr=1.4`.
 Keys marked as changing **the result** are DVC params of the stages they affect: changing
 one reruns those stages. The others change where outputs go or how fast a run is, never
 its numbers.
+
+The seed's names keep working: `artifact_dir_path` and `model_checkpoint_dir_path` name one
+folder (the second follows the first unless set), and so do `processed_data_dir_path` and
+`data_dir_path`; `mlflow_tracking_uri: ./mlruns`, a folder, means the project's SQLite store
+inside it (`mlruns/mlflow.db`, said in one line). `no_cuda` and `no_mps` still work in this
+release: they are mapped onto `device`, with one warning line naming the device they mean.
 """
 
 
