@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -170,3 +171,45 @@ def test_an_object_lost_under_a_pushed_directory_is_sent_again_or_named(tmp_path
     (line,) = error_lines(named.stderr)
     assert "DVC remote 'team'" in line and "data/raw/" in line and lost.name in line, line
     assert "missing from the remote and from this cache" in line
+
+
+def test_an_alias_never_moves_to_a_model_left_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version whose logged model never finished (the object store went down while
+    log_model uploaded: it stays PENDING): promoting it waits, then is one line, and champion
+    stays on the version it held."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("IMGPIPE_READY_WAIT_S", "2")  # the wait for it to finish: 30 s by default
+    client = MlflowClient(store)
+    experiment = client.create_experiment("half-written")
+    client.create_registered_model("cnn")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(store)  # where the registry resolves a version's models:/ source
+    try:
+        for status in (LoggedModelStatus.READY, LoggedModelStatus.PENDING):
+            run = client.create_run(experiment)
+            model = client.create_logged_model(experiment, source_run_id=run.info.run_id)
+            if status == LoggedModelStatus.READY:  # PENDING: log_model never finished
+                client.finalize_logged_model(model.model_id, status)
+            client.create_model_version(
+                "cnn", f"models:/{model.model_id}", run.info.run_id, model_id=model.model_id
+            )
+    finally:
+        mlflow.set_tracking_uri(before)
+    client.set_registered_model_alias("cnn", "champion", "1")
+
+    result = subprocess.run(
+        [sys.executable, "-m", "imgpipe", "promote", "--name", "cnn", "--version", "2",
+         "--tracking-uri", store],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = error_lines(result.stderr)
+    assert "'cnn' version 2" in line and "PENDING, not READY" in line, line
+    assert "Traceback" not in result.stderr
+    assert client.get_registered_model("cnn").aliases == {"champion": 1}

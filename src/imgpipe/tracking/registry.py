@@ -17,6 +17,8 @@ run and the version it used. The champion loads with
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,7 @@ def promote(client: Any, name: str, number: int) -> Version:
     from imgpipe.tracking.model_files import verify_version
 
     target = _get_version(client, name, number)
+    ready(client, target)
     verify_version(client, client.tracking_uri, name, number)
     current = _champion(client, name)
     if current is not None and current.number == target.number:
@@ -204,6 +207,38 @@ def register_sweep_best(
 
 
 # --------------------------------------------------------------------------- helpers
+
+# How long a promotion waits for a version still being written (its registration pending, or
+# its logged model still uploading) before it leaves the aliases where they were.
+READY_WAIT_S = 30.0  # IMGPIPE_READY_WAIT_S overrides it
+
+
+def ready(client: Any, version: Version, wait_s: float | None = None) -> None:
+    """Return once ``version`` and the logged model behind it are READY. One that failed, or
+    is not ready within ``wait_s`` (an upload cut off by an object store that went down),
+    is refused in one line: no alias ever points at a half-written model."""
+    if wait_s is None:
+        wait_s = float(os.environ.get("IMGPIPE_READY_WAIT_S") or READY_WAIT_S)
+    deadline = time.monotonic() + wait_s
+    while True:
+        mv = client.get_model_version(version.name, str(version.number))
+        state, what = str(mv.status).rsplit(".", 1)[-1], "its registration"
+        # A 3.x version's source is models:/<logged model id> (model_id is not always filled)
+        source = str(mv.source or "")
+        model_id = getattr(mv, "model_id", None) or (
+            source.removeprefix("models:/") if source.startswith("models:/m-") else None
+        )
+        if state == "READY" and model_id:
+            found = client.get_logged_model(model_id)
+            state, what = str(found.status).rsplit(".", 1)[-1], f"its logged model {model_id}"
+        if state == "READY":
+            return
+        if "FAILED" in state or time.monotonic() > deadline:
+            raise PipelineError(
+                f"model {version.name!r} version {version.number}: {what} is {state}, not "
+                f"READY: the aliases stay where they were"
+            )
+        time.sleep(1.0)
 
 
 def _check_name(name: str) -> None:
