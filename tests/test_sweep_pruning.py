@@ -239,7 +239,7 @@ def test_conditional_params_are_drawn_only_where_they_apply() -> None:
     import optuna
 
     from imgpipe.sweep.settings import load_settings, search_distributions
-    from imgpipe.sweep.worker import draw_params
+    from imgpipe.sweep.trial import draw_params
 
     settings = load_settings(
         "train_model",
