@@ -144,7 +144,9 @@ def test_register_names_the_version_a_run_already_has(registry, capsys) -> None:
 
     client = registry["client"]
     before, runs = aliases(client), version_runs(client)
-    main(["register", "--run", runs[2], "--name", NAME, "--tracking-uri", registry["store"]])
+    with pytest.raises(SystemExit) as done:  # a command's exit status, 0 here
+        main(["register", "--run", runs[2], "--name", NAME, "--tracking-uri", registry["store"]])
+    assert done.value.code == 0
     assert capsys.readouterr().out == f"model '{NAME}' version 2 already holds run {runs[2]}\n"
     assert version_runs(client) == runs and aliases(client) == before
 
