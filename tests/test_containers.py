@@ -13,8 +13,10 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from helpers import IN_CI, error_lines
+from imgpipe import checkpoint
 from imgpipe.data import export_sample_digits
 from imgpipe.testing import (
     VENV,
@@ -485,3 +488,69 @@ def test_mlflow_server_in_the_image_serves_the_project_store_on_loopback(
         stop(server)
         subprocess.run([DOCKER, "rm", "-f", name], capture_output=True, check=False)
         log.close()
+
+
+def _training_values(project: Path, **values: object) -> None:
+    """``values`` written into the copy's params.yaml (what `make train` trains with)."""
+    params = project / "params.yaml"
+    text = params.read_text()
+    for key, value in values.items():
+        text, count = re.subn(rf"(?m)^{key}: .*$", f"{key}: {value}", text)
+        assert count == 1, key
+    params.write_text(text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm-to-make", "docker-stop"])
+def test_a_stop_reaches_the_training_container_and_resume_ends_equal(
+    workspace: tuple[Path, Path], caller: pwd.struct_passwd, tmp_path: Path, how: str
+) -> None:
+    """SIGTERM to `make train` alone (as a scheduler sends it), or `docker stop` on its
+    container: the training in the container stops at a batch boundary, the container is
+    gone, the checkpoint stays, and `make train` again ends with the numbers of a run never
+    stopped (a local one: the image trains like the venv)."""
+    project, home = workspace
+    values = {"epochs": 6, "train_bs": 8, "resume": "true"}  # epochs of a few seconds
+    prep = as_caller(caller, ["make", "process-data"], project, home, RUNTIME="docker")
+    assert prep.returncode == 0, prep.stdout[-2000:] + prep.stderr[-2000:]
+    _training_values(project, **values)
+    cmd, env = caller_command(
+        caller, ["make", "--no-print-directory", "train"], home, RUNTIME="docker"
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while not any("epoch 1/6 " in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    listed = [DOCKER, "ps", "-q", "--filter", "ancestor=imgpipe:cpu"]
+    (container,) = subprocess.run(listed, capture_output=True, text=True).stdout.split()
+    if how == "docker-stop":
+        subprocess.run([DOCKER, "stop", container], capture_output=True, check=True, timeout=60)
+    else:
+        proc.send_signal(signal.SIGTERM)  # make alone
+    proc.wait(60)
+    reader.join(10)
+    output = "".join(lines)
+    running = subprocess.run(listed, capture_output=True, text=True).stdout.split()
+    assert container not in running, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    stopped_at = checkpoint.load(project / "models" / checkpoint.CHECKPOINT_FILE)["epoch"]
+    assert 1 <= stopped_at < 6, output[-3000:]
+
+    again = as_caller(caller, ["make", "train"], project, home, RUNTIME="docker")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"resuming after epoch {stopped_at}" in again.stdout + again.stderr
+
+    local = copy_project(tmp_path / "local")
+    export_sample_digits(local / "data" / "raw")
+    assert make("process-data", local).returncode == 0
+    _training_values(local, **values)
+    straight = make("train", local)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    metrics = json.loads((project / "dvclive" / "metrics.json").read_text())
+    assert metrics == json.loads((local / "dvclive" / "metrics.json").read_text())
