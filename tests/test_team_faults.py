@@ -5,10 +5,14 @@ object under a directory entry it already holds (the next push repairs it)."""
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,7 @@ class LosingProxy:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.lose: dict[bytes, int] = {}
         self.lost: list[bytes] = []
+        self.before: dict[bytes, Callable[[], None]] = {}  # marker -> run once, then forward
         threading.Thread(target=self._accept, daemon=True).start()
 
     def close(self) -> None:
@@ -49,6 +54,8 @@ class LosingProxy:
         try:
             while (request := _read_http(client)) is not None:
                 first = request.split(b"\r\n", 1)[0]
+                for marker in [m for m in self.before if m in first]:
+                    self.before.pop(marker)()
                 with socket.create_connection(self.target) as upstream:
                     upstream.sendall(request)
                     reply = _read_http(upstream) or b""
@@ -84,6 +91,57 @@ def _read_http(sock: socket.socket) -> bytes | None:
             break
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+class RestartingDatabase:
+    """A loopback TCP proxy in front of PostgreSQL; ``restart(down_s)`` is what the server
+    sees of a database restart: every open connection drops, new ones are refused until
+    ``down_s`` seconds have passed."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.down_until = 0.0
+        self.restarts = 0
+        self.open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def restart(self, down_s: float) -> None:
+        self.down_until = time.monotonic() + down_s
+        self.restarts += 1
+        for conn in self.open:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self.open.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            if time.monotonic() < self.down_until:
+                client.close()
+                continue
+            upstream = socket.create_connection(self.target)
+            self.open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for conn in (src, dst):
+            with contextlib.suppress(OSError):
+                conn.close()
 
 
 @pytest.fixture
@@ -213,3 +271,53 @@ def test_an_alias_never_moves_to_a_model_left_half_written(
     assert "'cnn' version 2" in line and "PENDING, not READY" in line, line
     assert "Traceback" not in result.stderr
     assert client.get_registered_model("cnn").aliases == {"champion": 1}
+
+
+def test_the_tracking_database_restarting_at_the_runs_start_leaves_one_run(
+    sample_processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The team server's PostgreSQL restarts (connections dropped, refused for 3 s) just as
+    training creates its run: the server answers 500 meanwhile, the client sends the
+    request again, and the experiment holds one run with each epoch once, FINISHED."""
+    import psycopg
+    from mlflow import MlflowClient
+
+    from imgpipe.train import train
+
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    try:
+        psycopg.connect(admin, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432: {exc}")
+    name = f"imgpipe_restart_{secrets.token_hex(4)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    database = RestartingDatabase(5432)
+    store = f"postgresql://postgres@127.0.0.1:{database.port}/{name}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    try:
+        with mlflow_server(tmp_path / "server", store=store) as srv:
+            proxy = LosingProxy(int(srv.url.rsplit(":", 1)[1]))
+            proxy.before[b"/runs/create"] = lambda: database.restart(3.0)
+            cfg = train_config(
+                sample_processed, tmp_path / "run", epochs=2, mlflow_tracking_uri=proxy.url,
+                mlflow_exp_name="db-restart",
+            )  # fmt: skip
+            result = train(cfg)
+            proxy.close()
+            assert database.restarts == 1
+            client = MlflowClient(srv.url)
+            experiment = client.get_experiment_by_name("db-restart")
+            runs = client.search_runs([experiment.experiment_id])
+            assert [r.info.run_id for r in runs] == [result.run_id]
+            assert runs[0].info.status == "FINISHED"
+            for metric in runs[0].data.metrics:
+                steps = [m.step for m in client.get_metric_history(result.run_id, metric)]
+                assert len(steps) == len(set(steps)), (metric, steps)
+            val = client.get_metric_history(result.run_id, "val/loss")
+            assert sorted(m.step for m in val) == [1, 2]
+    finally:
+        database.close()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
