@@ -224,3 +224,62 @@ def test_a_live_worker_in_another_pid_namespace_is_never_failed_by_a_neighbour(
     assert states[ours.number] == TrialState.FAIL
     retried = [t for t in study.get_trials() if t.state == TrialState.WAITING]
     assert len(retried) == 1 and retried[0].user_attrs["pid"] == gone
+
+
+def test_the_sweeps_parent_run_rides_out_a_tracking_outage(
+    tmp_path: Path,
+    mlflow_server: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tracking gone when the sweep ends: one warning, the sweep still ends; the same
+    closing writes once tracking answers record everything, once."""
+    from mlflow import MlflowClient
+
+    from imgpipe.testing import free_port
+    from imgpipe.tracking.parent import finish_parent_run
+
+    client = MlflowClient(mlflow_server)
+    parent = client.create_run(client.create_experiment(f"outage-{uuid.uuid4().hex[:8]}"))
+    run_id = parent.info.run_id
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "trials.csv").write_text("number,state\n0,COMPLETE\n")
+    best = {
+        "trial": 0,
+        "params": {"lr": 1.1},
+        "values": {"val/loss": 0.2, "val/accuracy": 0.93},
+        "test": {},
+        "mlflow_run_id": "",
+    }
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    started = time.monotonic()
+    finish_parent_run(
+        gone,
+        run_id,
+        best,
+        "FINISHED",
+        best_at_ms=1_700_000_000_000,
+        artifacts=[results / "trials.csv"],
+        wait_s=2,
+    )
+    assert time.monotonic() - started < 60
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    warnings = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
+    assert len(warnings) == 1 and "run the sweep again" in warnings[0]
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    for _ in range(2):  # the rerun, and once more: idempotent
+        finish_parent_run(
+            mlflow_server,
+            run_id,
+            best,
+            "FINISHED",
+            best_at_ms=1_700_000_000_000,
+            artifacts=[results / "trials.csv"],
+        )
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["best_trial"] == "0"
+    assert len(client.get_metric_history(run_id, "best/val/loss")) == 1
