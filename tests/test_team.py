@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -190,9 +191,9 @@ def tiny(project: Path) -> None:
     assert dvc(project, "add", "-q", "data/raw").returncode == 0
     for rel in ("params.yaml", "conf/train_model.yaml"):
         path = project / rel
-        text = path.read_text()
-        assert "\nepochs: 10\n" in text, rel
-        path.write_text(text.replace("\nepochs: 10\n", "\nepochs: 1\n"))
+        text, count = re.subn(r"(?m)^epochs: 10\b", "epochs: 1", path.read_text())
+        assert count == 1, rel
+        path.write_text(text)
     stages = project / "dvc.yaml"
     text = stages.read_text()
     assert "cmd: make sweep\n" in text
@@ -301,8 +302,8 @@ def test_training_on_the_team_server_keeps_its_model_in_the_bucket(
 
     loaded = mlflow.pyfunc.load_model(model.model_uri)
     images = np.load(clones.a / "data" / "processed" / "test_images.npy")[:8]
-    batch = np.moveaxis(images, -1, 1).astype("float32") / 255.0  # stored N, H, W, C
-    assert np.asarray(loaded.predict(batch)).shape[0] == 8
+    answers = loaded.predict(images)  # uint8 pixels, as stored (the model normalises them)
+    assert len(answers) == 8
 
 
 def test_resume_in_the_other_clone_continues_the_original_run(stack: Stack, clones: Clones) -> None:
