@@ -93,10 +93,10 @@ def _read_http(sock: socket.socket) -> bytes | None:
     return head + b"\r\n\r\n" + body
 
 
-class RestartingDatabase:
-    """A loopback TCP proxy in front of PostgreSQL; ``restart(down_s)`` is what the server
-    sees of a database restart: every open connection drops, new ones are refused until
-    ``down_s`` seconds have passed."""
+class TcpOutage:
+    """A loopback TCP proxy in front of a server (PostgreSQL, an object store);
+    ``restart(down_s)`` is what its clients see of a restart: every open connection drops,
+    new ones are refused until ``down_s`` seconds have passed."""
 
     def __init__(self, target_port: int) -> None:
         self.target = ("127.0.0.1", target_port)
@@ -292,7 +292,7 @@ def test_the_tracking_database_restarting_at_the_runs_start_leaves_one_run(
     name = f"imgpipe_restart_{secrets.token_hex(4)}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    database = RestartingDatabase(5432)
+    database = TcpOutage(5432)
     store = f"postgresql://postgres@127.0.0.1:{database.port}/{name}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
