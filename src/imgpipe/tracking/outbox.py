@@ -44,11 +44,22 @@ class Batch:
 
 
 def send_failures() -> tuple[type[BaseException], ...]:
-    """What a send raises when the store is unreachable or refuses for now."""
+    """What a send raises when the store is unreachable or refuses for now: the tracking
+    server, or an artifact store the client writes itself (S3: botocore's errors, which
+    are no OSError)."""
     import requests
     from mlflow.exceptions import MlflowException
 
-    return (MlflowException, requests.RequestException, OSError)
+    failures: tuple[type[BaseException], ...] = (
+        MlflowException,
+        requests.RequestException,
+        OSError,
+    )
+    try:
+        import botocore.exceptions
+    except ImportError:  # no S3 client installed: no S3 artifacts either
+        return failures
+    return (*failures, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
 
 
 def failure_reason(exc: BaseException, uri: str) -> str:
