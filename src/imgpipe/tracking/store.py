@@ -86,6 +86,22 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 raise PipelineError(
                     f"cannot create the MLflow store {path}: {exc.strerror}"
                 ) from None
+            create_sqlite_store_once(uri, Path(path))
+
+
+def create_sqlite_store_once(uri: str, path: Path) -> None:
+    """Two processes that open a new SQLite store at once both run MLflow's migrations and
+    one fails in alembic (seen with `dvc queue start -j 2` on a fresh project): the first
+    creates it under a lock file beside it, the others wait, then find it made."""
+    import fcntl
+
+    if path.exists() and path.stat().st_size > 0:
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the store
 
 
 def check_login(uri: str, timeout: float = 5.0) -> None:
