@@ -1,7 +1,8 @@
 """Decoding benchmark: the decoders' tight loops, and process_data against them.
 
 Usage (from the project root):
-    python -m bench decode            # 30,000 28x28 grey PNGs, 5,000 128x128 RGB JPEGs
+    python -m bench decode            # 30,000 28x28 grey PNGs, 5,000 128x128 RGB JPEGs,
+                                      # 1,000 photos each of 500x375 and 2,000x1,500
     python -m bench decode --smoke    # tiny sizes, every row, seconds; writes no RESULTS.md
 
 For each kind of image, in one run on the same files:
@@ -12,6 +13,11 @@ For each kind of image, in one run on the same files:
 - process_data against the decode limit (the fastest decoder's tight loop on all cores,
   bench/baselines.py) and against Pillow-only process_data (``fast_decoders=False``, the
   processing this project had before the fast decoders).
+For photos resized to 224x224 (``image_size``), process_data against the limit for the
+same output: the fastest decoder at the reduced DCT scale plus the same Pillow resize, in
+a tight loop on every core; beside it the decode alone at that scale, the full-size
+decode plus resize (what the same output cost before DCT scaling), and how far the pixels
+are from a full-size decode plus resize.
 The section "Decoding" of bench/RESULTS.md is rewritten (bench/sections.py).
 """
 
@@ -30,12 +36,12 @@ import numpy as np
 
 from bench import baselines, sections
 from bench.dataset import generate
+from bench.photos import PHOTO_SIZES, PROCESS_VS_LIMIT, generate_photos, measure_photos, photo_rows
 from bench.sections import BENCH
 from imgpipe.cpus import available_cpus
 from imgpipe.data import process_dataset
 
 TOPIC = "decoding"
-PROCESS_VS_LIMIT = 0.85
 PROCESS_VS_PILLOW = 1.3
 
 
@@ -267,13 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pngs", type=int, default=30_000, help="28x28 grey PNGs generated")
     parser.add_argument("--jpegs", type=int, default=5_000, help="128x128 RGB JPEGs generated")
+    parser.add_argument("--photos", type=int, default=1_000, help="photos of each size generated")
+    parser.add_argument(
+        "--only-photos", action="store_true", help="only the photo rows (printed, not written)"
+    )
     parser.add_argument("--sample", type=int, default=3_000, help="files per tight loop")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, no RESULTS.md")
     parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md is")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.pngs, args.jpegs, args.sample, args.repeats = 600, 120, 100, 1
+        args.pngs, args.jpegs, args.sample, args.repeats, args.photos = 600, 120, 100, 1, 24
     cpus = available_cpus()
     work = Path(tempfile.mkdtemp(prefix="imgpipe-decode-"))
     started = time.perf_counter()
@@ -281,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = {"png": ("28x28 grey PNG", args.pngs), "jpeg": ("128x128 RGB JPEG", args.jpegs)}
         results: dict = {"cpus": cpus, "args": {k: str(v) for k, v in vars(args).items()}}
         rows: list[sections.Row] = []
+        if args.only_photos:
+            kinds = {}
         for kind, (title, count) in kinds.items():
             raw = work / f"raw-{kind}"
             print(f"generating {count:,} {title}s ...", flush=True)
@@ -293,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             results[kind] = m
             rows += rows_of(kind, title, m)
             shutil.rmtree(raw)
+        for label, size in PHOTO_SIZES.items():
+            title = f"{label} RGB JPEG photo to 224x224"
+            raw = work / f"raw-photos-{label}"
+            print(f"generating {args.photos:,} {label} photos ...", flush=True)
+            generate_photos(raw, args.photos, size, cpus)
+            print(f"measuring {title} ...", flush=True)
+            results[f"photos-{label}"] = m = measure_photos(raw, work, args.repeats, cpus)
+            rows += photo_rows(title, m)
+            shutil.rmtree(raw)
         results["seconds"] = time.perf_counter() - started
         width = max(len(r[0]) for r in rows)
         for measure_, value, target, state in rows:
@@ -304,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             "every core; process_data runs with the fast decoders and with Pillow alone, best of "
             f'{args.repeats}, alternating. Notes: bench/NOTES.md, "Decoding".'
         )
-        if not args.smoke:
+        if args.only_photos:
+            pass
+        elif not args.smoke:
             sections.write_section(TOPIC, "Decoding", intro, rows, results, args.out / "RESULTS.md")
         else:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,9 @@ def test_decode_bench_smoke_produces_every_row(tmp_path: Path) -> None:
     for kind, decoder in fast.items():
         row = next(r for r in rows if r[0].startswith(f"{kind}: {decoder} tight loop"))
         assert "identical to Pillow" in row[1], row
+    for size in ("500x375", "2000x1500"):  # photos resized down to 224x224
+        photo = f"{size} RGB JPEG photo to 224x224: process_data vs limit for the same output"
+        assert photo in measures, measures
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
 
 

@@ -1,0 +1,177 @@
+"""Photos resized down (``image_size``): the rows bench/decode.py adds for them.
+
+process_data decodes a JPEG that is resized down at a reduced DCT scale first
+(imgpipe.data.decoders.dct_scale), then resizes it. Its limit *for the same output* is
+the fastest decoder (simplejpeg) at that scale plus the same Pillow resize, in a tight
+loop on every core; beside it the decode alone, and the full-size decode plus resize that
+the same target cost before, with how far apart their pixels are.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from bench import baselines, sections
+from imgpipe.data import process_dataset
+
+# Targets shared with the other decoding rows.
+PROCESS_VS_LIMIT = 0.85
+
+
+def _write_photos(args: tuple[str, int, int, int, int]) -> None:
+    """Photo-like RGB JPEGs of ``width`` x ``height``: a sample digit upscaled over a smooth
+    tinted background, mild sensor-like noise, quality 90, 4:2:0 (deterministic)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root, start, stop, width, height = args
+    digits = load_digits()
+    base = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for i in range(start, stop):
+        rng = np.random.default_rng(i)
+        src = i % len(base)
+        digit = np.asarray(Image.fromarray(base[src]).resize((width, height), Image.BICUBIC))
+        tint = rng.integers(60, 256, 3)
+        phase = rng.integers(0, 256, 3)
+        background = np.stack(
+            [(128 + 100 * np.sin((xx + yy * (c + 1)) / (width / 7) + phase[c])) for c in range(3)],
+            -1,
+        )
+        pixels = 0.6 * background + digit[..., None] * tint / 255 * 0.6
+        pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
+        split = "test" if i % 6 == 0 else "train"
+        path = Path(root) / split / str(int(digits.target[src])) / f"{i:07d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path, quality=90)
+
+
+def generate_photos(root: Path, count: int, size: tuple[int, int], workers: int) -> None:
+    """An ImageFolder layout (no CSV) of ``count`` photo-like JPEGs of ``size`` (w, h)."""
+    chunk = max(1, count // (workers * 4))
+    jobs = [(str(root), s, min(count, s + chunk), *size) for s in range(0, count, chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_write_photos, jobs))
+
+
+PHOTO_TARGET = (224, 224)  # (width, height), image_size=[224,224]
+PHOTO_SIZES = {"500x375": (500, 375), "2000x1500": (2000, 1500)}
+
+
+def _resize(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    from imgpipe.data.process import RESIZE_FILTER
+
+    filt = getattr(Image.Resampling, RESIZE_FILTER)
+    return Image.fromarray(pixels).resize(PHOTO_TARGET, filt, reducing_gap=None).tobytes()
+
+
+def _scaled_decode(name: str) -> np.ndarray:
+    """The fastest decoder at the reduced DCT scale process_data uses (dct_scale)."""
+    import simplejpeg
+
+    from imgpipe.data.decoders import dct_scale
+
+    data = baselines.read_file(name)
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    s = dct_scale((width, height), PHOTO_TARGET)
+    return simplejpeg.decode_jpeg(data, min_height=-(-height // s), min_width=-(-width // s))
+
+
+def photo_same_output(name: str) -> bytes:
+    """What process_data makes of a photo, in the fewest steps: scaled decode + resize."""
+    return _resize(_scaled_decode(name))
+
+
+def photo_full_then_resize(name: str) -> bytes:
+    """The same target the way it was made before DCT scaling: full-size decode + resize."""
+    import simplejpeg
+
+    return _resize(simplejpeg.decode_jpeg(baselines.read_file(name)))
+
+
+PHOTO_LOOPS = {
+    "same": photo_same_output,
+    "decode": _scaled_decode,
+    "full": photo_full_then_resize,
+}
+
+
+def _photo_loop(job: tuple[str, list[str]]) -> int:
+    loop = PHOTO_LOOPS[job[0]]
+    for name in job[1]:
+        loop(name)
+    return len(job[1])
+
+
+def photo_limit(kind: str, names: list[str], workers: int) -> float:
+    """Images per second of one of ``PHOTO_LOOPS`` on every core, nothing else."""
+    chunk = max(1, len(names) // (workers * 8))
+    parts = [(kind, names[i : i + chunk]) for i in range(0, len(names), chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(_photo_loop, parts[:workers]))  # warm the workers up
+        start = time.perf_counter()
+        done = sum(pool.map(_photo_loop, parts))
+    return done / (time.perf_counter() - start)
+
+
+def pixel_difference(names: list[str]) -> dict:
+    """Scaled decode + resize against full-size decode + resize, over ``names``."""
+    diffs = [
+        np.abs(
+            np.frombuffer(photo_same_output(n), np.uint8).astype(np.int16)
+            - np.frombuffer(photo_full_then_resize(n), np.uint8)
+        )
+        for n in names
+    ]
+    every = np.concatenate(diffs)
+    return {"mean": float(every.mean()), "p99": float(np.percentile(every, 99))}
+
+
+def measure_photos(raw: Path, work: Path, repeats: int, cpus: int) -> dict:
+    """Best of ``repeats`` each, taking turns: the three limits and process_data."""
+    files = sorted(str(p) for p in raw.rglob("*.jpg"))
+    best = dict.fromkeys([*PHOTO_LOOPS, "process"], 0.0)
+    for rep in range(repeats):
+        for kind in PHOTO_LOOPS:
+            best[kind] = max(best[kind], photo_limit(kind, files, cpus))
+        out = work / f"processed-photos-{rep}"
+        start = time.perf_counter()
+        process_dataset(raw, out, 0, image_size=PHOTO_TARGET[::-1], image_mode="RGB")
+        best["process"] = max(best["process"], len(files) / (time.perf_counter() - start))
+        shutil.rmtree(out)
+    return {"files": len(files), "ips": best, "pixels": pixel_difference(files[:50])}
+
+
+def photo_rows(title: str, m: dict) -> list[sections.Row]:
+    ips, px = m["ips"], m["pixels"]
+    vs_limit = ips["process"] / ips["same"]
+    return [
+        (
+            f"{title}: process_data vs limit for the same output",
+            f"{ips['process']:,.0f} vs {ips['same']:,.0f} img/s = {vs_limit:.2f}x "
+            f"({m['files']:,} images; limit: simplejpeg at the reduced scale + the resize)",
+            f">= {PROCESS_VS_LIMIT}x",
+            "met" if vs_limit >= PROCESS_VS_LIMIT else "MISSED",
+        ),
+        (
+            f"{title}: the reduced-scale decode alone, every core",
+            f"{ips['decode']:,.0f} img/s (the resize costs the rest of the limit)",
+            "-",
+            "-",
+        ),
+        (
+            f"{title}: same output by full-size decode + resize, every core",
+            f"{ips['full']:,.0f} img/s: DCT scaling gives {ips['same'] / ips['full']:.2f}x; "
+            f"pixels differ by {px['mean']:.2f} on average, {px['p99']:.0f} at the 99th "
+            "percentile (of 255)",
+            "-",
+            "-",
+        ),
+    ]
