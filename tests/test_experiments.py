@@ -140,3 +140,28 @@ def test_a_copy_whose_dependencies_differ_stops_with_one_line_and_installs_nothi
         f"{project} and run the experiment again"
     ]
     assert snapshot(venv) == before
+
+
+def test_a_second_dvc_repro_at_once_is_refused_and_the_first_finishes(
+    experiment_project: tuple[Path, dict[str, str]],
+) -> None:
+    """DVC's own lock: the second run names the first (its pid) and ends; the first trains on."""
+    project, env = experiment_project
+    first = subprocess.Popen(
+        ["dvc", "repro", "train"], cwd=project, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lock = project / ".dvc" / "tmp" / "rwlock"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and str(first.pid) not in (
+        lock.read_text() if lock.exists() else ""
+    ):
+        time.sleep(0.2)
+    second = dvc(project, env, "repro", "train")
+    output, _ = first.communicate(timeout=900)
+    assert first.returncode == 0, output[-3000:]
+    assert second.returncode != 0
+    assert "is busy, it is being blocked by" in second.stderr
+    assert f"(PID {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert (project / "models" / "model.pt").is_file()
