@@ -216,9 +216,19 @@ def _resolve(client: Any, uri: str) -> tuple[str, str, str | None, int | None, M
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
         raise PipelineError(f"{uri}: not found ({exc.message.splitlines()[0]})") from None
-    if not getattr(mv, "model_id", None):
+    model_id = version_model_id(mv)
+    if not model_id:
         raise PipelineError(f"{uri}: version {mv.version} holds no logged model")
-    return mv.model_id, mv.run_id or "", mv.name, int(mv.version), dict(mv.tags or {})
+    return model_id, mv.run_id or "", mv.name, int(mv.version), dict(mv.tags or {})
+
+
+def version_model_id(mv: Any) -> str | None:
+    """The logged model a registry version holds (the SQL store leaves ``model_id`` empty
+    and names it in ``source``: models:/<model id>)."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = mv.source or ""
+    return source.removeprefix("models:/") if _MODELS_ID.match(source) else None
 
 
 def _run_model(client: Any, run_id: str, path: str, uri: str) -> tuple[str, str]:
@@ -292,7 +302,7 @@ def verify_version(client: Any, tracking_uri: str, name: str, number: int) -> di
     current files' digests recorded (with a warning). Returns the digests."""
     mv = client.get_model_version(name, str(number))
     uri = f"models:/{name}/{number}"
-    model_id = getattr(mv, "model_id", None)
+    model_id = version_model_id(mv)
     if not model_id:
         raise PipelineError(f"{uri}: holds no logged model")
     expected = recorded_digests(client, mv.run_id or "", model_id, dict(mv.tags or {}))
