@@ -29,6 +29,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+# At module level: FastAPI resolves the handlers' annotations from this module's names.
+from starlette.requests import Request
+
 from imgpipe.errors import PipelineError
 from imgpipe.inference import Classifier, ModelSource
 
@@ -62,7 +65,7 @@ def create_app(
     max_bytes: int = DEFAULT_MAX_BYTES,
     top_k: int = 3,
 ) -> Any:
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException
