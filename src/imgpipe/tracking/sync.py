@@ -139,17 +139,14 @@ def _has_model(client, run) -> bool:
 
 
 def _log_model_file(model_file: Path, uri: str, run_id: str) -> str:
-    """Rebuild the network from model.pt through the factory (any architecture, digest
-    checked) and log it as the run would have; its model id."""
+    """Log model.pt as the run would have (checked first: the factory rebuilds it and its
+    digest holds); its model id."""
     import mlflow
-    import torch
 
     from imgpipe.models import load_model_file
-    from imgpipe.tracking.model_log import log_pytorch_model
+    from imgpipe.tracking.model_files import log_model_file
 
-    model, spec = load_model_file(model_file)
-    # The run logged two test images as its example; here only their shape is known.
-    example = torch.zeros(2, *spec.image_shape)
+    load_model_file(model_file)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        return log_pytorch_model(model, example)
+        return log_model_file(model_file)
