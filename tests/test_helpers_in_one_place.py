@@ -41,7 +41,9 @@ def test_conftest_defines_fixtures_only() -> None:
     others = [
         node.name
         for node in tree.body
-        if isinstance(node, ast.FunctionDef) and not is_fixture(node)
+        if isinstance(node, ast.FunctionDef)
+        and not is_fixture(node)
+        and not node.name.startswith("pytest_")  # pytest's hooks belong there too
     ]
     assert not others, f"helpers in conftest.py (move them to tests/helpers.py): {others}"
 
