@@ -46,7 +46,8 @@ DATA_PATH_EPOCH = """
 import sys, torch
 from torch import nn
 from imgpipe.data import load_processed
-from imgpipe.engine import seed_everything, train_one_epoch
+from imgpipe.engine import train_one_epoch
+from imgpipe.rng import seed_everything
 from imgpipe.streaming import open_splits
 
 data = load_processed(sys.argv[1])
@@ -64,7 +65,8 @@ train_one_epoch(model, optimizer, split, 256, seed_everything(1), 1, 10**9)
 SPEED_EPOCHS = """
 import json, sys, time, torch
 from imgpipe.data import load_processed
-from imgpipe.engine import TensorSplit, seed_everything, train_one_epoch
+from imgpipe.engine import TensorSplit, train_one_epoch
+from imgpipe.rng import seed_everything
 from imgpipe.models import build_trainable, spec_for
 from imgpipe.streaming import StreamingSplit
 

@@ -1,14 +1,20 @@
-"""requirements.lock (`make lock`) agrees with pyproject.toml: every requirement there is
-satisfied by its locked version, every package locked as a direct requirement is still in
-pyproject.toml, and the lock holds nothing machine-specific. `make setup` and the images
-install through it."""
+"""requirements.lock (`make lock`, uv's universal resolution) agrees with pyproject.toml on
+every platform the project supports: every requirement there is satisfied by its locked
+version, every package locked as a direct requirement is still in pyproject.toml, each of
+Linux x86_64, Linux aarch64 and macOS arm64 gets exactly one version of each package, and the
+lock holds nothing machine-specific. `make setup` installs through it with uv (pip when uv
+cannot be had, said in one line); the images and CI run the same install."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -17,25 +23,55 @@ from helpers import error_lines
 from imgpipe.testing import REPO, copy_project, make
 
 LOCK = REPO / "requirements.lock"
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$")
 DIRECT = "imgpipe (pyproject.toml)"
+# The platforms of the universal lock, as their interpreters describe themselves.
+PLATFORMS = {
+    "linux-x86_64": {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"},
+    "linux-aarch64": {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "aarch64"},
+    "macos-arm64": {"sys_platform": "darwin", "platform_system": "Darwin", "platform_machine": "arm64"},
+}  # fmt: skip
 
 
-def locked(text: str) -> tuple[dict[str, Version], set[str]]:
-    """The pins of a lock, by canonical name, and the names pip-compile says come
-    straight from pyproject.toml (``# via imgpipe (pyproject.toml)``)."""
-    pins: dict[str, Version] = {}
+def environment(platform: str, python: str = "3.11.9") -> dict[str, str]:
+    env = default_environment()
+    env.update(PLATFORMS[platform])
+    env.update(python_version="3.11", python_full_version=python, implementation_name="cpython")
+    env.update(platform_python_implementation="CPython", os_name="posix")
+    return env
+
+
+def locked(text: str) -> tuple[list[Requirement], set[str]]:
+    """The lock's pins (with their markers) and the names it says come straight from
+    pyproject.toml (``# via imgpipe (pyproject.toml)``)."""
+    pins: list[Requirement] = []
     direct: set[str] = set()
-    current = None
     for line in text.splitlines():
-        if match := PIN.match(line):
-            current = canonicalize_name(match.group(1))
-            pins[current] = Version(match.group(2))
-        elif line.startswith(" ") and DIRECT in line and current is not None:
-            direct.add(current)
-        elif line.strip() and not line.lstrip().startswith("#"):
+        if not line.strip() or line.lstrip().startswith("#"):
+            if DIRECT in line and pins:
+                direct.add(canonicalize_name(pins[-1].name))
+            continue
+        if line.startswith((" ", "-")):
             raise AssertionError(f"requirements.lock: not a pin: {line!r}")
+        req = Requirement(line)
+        assert len(req.specifier) == 1 and next(iter(req.specifier)).operator == "==", line
+        pins.append(req)
     return pins, direct
+
+
+def pinned(req: Requirement) -> Version:
+    return Version(next(iter(req.specifier)).version)
+
+
+def on(platform: str, pins: list[Requirement], python: str = "3.11.9") -> dict[str, Version]:
+    """The versions a platform installs: one per package, or an AssertionError."""
+    env = environment(platform, python)
+    chosen: dict[str, Version] = {}
+    for req in pins:
+        if req.marker is None or req.marker.evaluate(env):
+            name = canonicalize_name(req.name)
+            assert name not in chosen, f"{name} locked twice for {platform}"
+            chosen[name] = pinned(req)
+    return chosen
 
 
 def requirements(pyproject: dict) -> list[Requirement]:
@@ -51,30 +87,32 @@ def disagreements(pyproject: dict, lock_text: str) -> list[str]:
     pins, direct = locked(lock_text)
     problems = []
     wanted = requirements(pyproject)
-    for req in wanted:
-        name = canonicalize_name(req.name)
-        if name not in pins:
-            problems.append(f"{req} is not in requirements.lock")
-        elif not req.specifier.contains(pins[name], prereleases=True):
-            problems.append(f"{req}: requirements.lock has {pins[name]}")
-        for extra in req.extras:  # psycopg[binary] -> psycopg-binary
-            extra_name = canonicalize_name(f"{req.name}-{extra}")
-            if extra_name in direct and extra_name not in pins:
-                problems.append(f"{req}: the {extra} extra's package is not locked")
+    for platform in PLATFORMS:
+        versions = on(platform, pins)
+        for req in wanted:
+            name = canonicalize_name(req.name)
+            if name not in versions:
+                problems.append(f"{req} is not in requirements.lock ({platform})")
+            elif not req.specifier.contains(versions[name], prereleases=True):
+                problems.append(f"{req}: requirements.lock has {versions[name]} ({platform})")
+            for extra in req.extras:  # psycopg[binary] -> psycopg-binary
+                extra_name = canonicalize_name(f"{req.name}-{extra}")
+                if extra_name in direct and extra_name not in versions:
+                    problems.append(f"{req}: the {extra} extra's package is not locked")
     names = {canonicalize_name(req.name) for req in wanted}
     problems += [
         f"requirements.lock pins {name} for pyproject.toml, which no longer asks for it"
         for name in sorted(direct - names)
         if not any(name.startswith(f"{n}-") for n in names)  # an extra's package
     ]
-    return problems
+    return list(dict.fromkeys(problems))  # one line per problem, not one per platform
 
 
 def pyproject_text() -> str:
     return (REPO / "pyproject.toml").read_text(encoding="utf-8")
 
 
-def test_lock_agrees_with_pyproject() -> None:
+def test_lock_agrees_with_pyproject_on_every_platform() -> None:
     problems = disagreements(tomllib.loads(pyproject_text()), LOCK.read_text(encoding="utf-8"))
     assert not problems, "run `make lock`:\n" + "\n".join(problems)
 
@@ -89,7 +127,8 @@ def test_a_changed_pin_or_a_new_dependency_is_caught() -> None:
     assert any("ruff==0.0.1" in p for p in disagreements(tomllib.loads(bumped), lock))
     added = text.replace('"tqdm>=', '"not-a-locked-package>=1",\n  "tqdm>=', 1)
     assert disagreements(tomllib.loads(added), lock) == [
-        "not-a-locked-package>=1 is not in requirements.lock"
+        f"not-a-locked-package>=1 is not in requirements.lock ({platform})"
+        for platform in PLATFORMS
     ]
     removed = re.sub(r'\n\s*"tqdm>=[^"]+",', "", text)
     assert disagreements(tomllib.loads(removed), lock) == [
@@ -97,47 +136,146 @@ def test_a_changed_pin_or_a_new_dependency_is_caught() -> None:
     ]
 
 
+def test_one_lock_serves_linux_and_macos_with_the_same_torch() -> None:
+    pins, _ = locked(LOCK.read_text(encoding="utf-8"))
+    linux, arm, mac = (on(p, pins) for p in PLATFORMS)
+    # torch and torchvision without their local labels: any build of those versions (CPU,
+    # CUDA, ROCm) satisfies the lock, and the two are pinned as a pair that works together.
+    for versions in (linux, arm, mac):
+        assert versions["torch"] == Version("2.14.1") and not versions["torch"].local
+        assert versions["torchvision"] == Version("0.29.1") and not versions["torchvision"].local
+        assert versions["timm"] == linux["timm"]
+    # The CUDA libraries PyPI's Linux torch needs are Linux's alone; the rest is shared.
+    assert "nvidia-cudnn-cu13" in linux and "nvidia-cudnn-cu13" in arm
+    cuda = ("nvidia-cudnn-cu13", "nvidia-nccl-cu13", "nvidia-cublas", "cuda-toolkit", "triton")
+    assert not [name for name in cuda if name in mac]
+    assert set(mac) - set(linux) == set()
+    # Python 3.11 throughout: the lock holds no line for another Python.
+    assert on("linux-x86_64", pins, "3.11.0")["torch"] == Version("2.14.1")
+
+
 def test_lock_is_the_whole_environment_and_nothing_machine_specific() -> None:
     text = LOCK.read_text(encoding="utf-8")
     pins, _ = locked(text)
+    names = {canonicalize_name(req.name) for req in pins}
     # Transitive packages are pinned too (the point of a lock), setuptools included (torch
     # needs it at run time); pip stays the virtual environment's own.
     for name in ("sqlalchemy", "alembic", "numpy", "pandas", "flask", "setuptools"):
-        assert name in pins, name
-    assert "pip" not in pins
-    # torch and torchvision without their local labels: any build of those versions (CPU,
-    # CUDA, ROCm) satisfies the lock, and the two are pinned as a pair that works together.
-    assert pins["torch"] == Version("2.14.1") and not pins["torch"].local
-    assert pins["torchvision"] == Version("0.29.1") and not pins["torchvision"].local
-    assert not [v for v in pins.values() if v.local]
+        assert name in names, name
+    assert "pip" not in names
+    assert not [req for req in pins if pinned(req).local]
     # Constraints files take no options, extras or hashes; no index or path of this machine.
     assert not re.search(r"^\s*-", text, re.MULTILINE)
-    assert not [name for name in pins if "[" in name]
+    assert not [req for req in pins if req.extras]
     assert "--hash" not in text and "file://" not in text and "/opt/" not in text
     assert "#    make lock" in text
 
 
-def test_setup_and_images_install_through_the_lock(tmp_path: Path) -> None:
+def test_setup_installs_through_the_lock_with_uv_and_images_and_ci_do_the_same(
+    tmp_path: Path,
+) -> None:
     copy = copy_project(tmp_path / "p")
-    venv = tmp_path / "venv"
-    result = make("setup", copy, "-n", f"VENV={venv}", "SETUP=")
+    result = make("setup", copy, "-n", f"VENV={tmp_path / 'venv'}", "SETUP=")
     assert result.returncode == 0, result.stderr
-    (install,) = [line for line in result.stdout.splitlines() if " -m pip install " in line]
-    assert install.endswith("-e '.[dev]' -c requirements.lock"), install
+    assert "make/uv.py pip install --quiet --python" in result.stdout
+    assert "-e '.[dev]' -c requirements.lock" in result.stdout
     for variant in ("cpu", "gpu"):
         dockerfile = (REPO / "docker" / f"imgpipe-{variant}.Dockerfile").read_text()
         assert "COPY requirements.lock /tmp/requirements.lock" in dockerfile
-        assert "-c /tmp/requirements.lock" in dockerfile
+        assert "/tmp/uv.py pip install" in dockerfile and "-c /tmp/requirements.lock" in dockerfile
+        assert "--mount=type=cache,target=/root/.cache/uv" in dockerfile
+        assert "UV_COMPILE_BYTECODE=1" in dockerfile
     assert "!requirements.lock" in (REPO / ".dockerignore").read_text().splitlines()
+    workflow = (REPO / ".github" / "workflows" / "ci.yml").read_text()
+    assert "make setup" in workflow and "cache: pip" not in workflow
 
 
-def test_make_lock_without_pip_tools_is_one_line(tmp_path: Path) -> None:
+def tiny_project(tmp_path: Path) -> Path:
+    """The project's Makefile and make/uv.py over a package with no dependencies: the real
+    set-up machinery, installing in seconds."""
+    copy = copy_project(tmp_path / "p")
+    text = (copy / "pyproject.toml").read_text()
+    text = re.sub(r"(?ms)^dependencies = \[.*?^\]", "dependencies = []", text)
+    text = re.sub(r"(?ms)^dev = \[.*?^\]", "dev = []", text)
+    (copy / "pyproject.toml").write_text(text)
+    (copy / "requirements.lock").write_text("")
+    return copy
+
+
+def unreachable_index(tmp_path: Path) -> dict[str, str]:
+    """pip's configuration pointing at an index that does not answer, and an empty tools
+    folder: uv cannot be installed."""
+    return {
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_FIND_LINKS": "",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "2",
+        "IMGPIPE_TOOLS_DIR": str(tmp_path / "tools"),
+    }
+
+
+def test_setup_with_uv_installs_the_project_into_a_new_venv(tmp_path: Path) -> None:
+    copy = tiny_project(tmp_path)
+    venv = tmp_path / "venv"
+    result = make("setup", copy, f"VENV={venv}", "SETUP=", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "installing with pip" not in result.stderr
+    assert len(list(venv.glob(".deps-*"))) == 1
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import imgpipe; print(imgpipe.__file__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert where == str(copy / "src" / "imgpipe" / "__init__.py")  # editable: the clone's code
+    # A second `make setup` with the same files installs nothing.
+    again = make("setup", copy, f"VENV={venv}")
+    assert again.returncode == 0 and "Installing" not in again.stdout, again.stdout
+
+
+def test_setup_without_uv_falls_back_to_pip_with_one_line(tmp_path: Path) -> None:
+    copy = tiny_project(tmp_path)
+    venv = tmp_path / "venv"
+    result = make("setup", copy, f"VENV={venv}", "SETUP=", "UV_VERSION=0.0.0", timeout=300)
+    assert result.returncode == 0, result.stderr
+    (line,) = [ln for ln in result.stderr.splitlines() if "installing with pip" in ln]
+    assert line.startswith("uv 0.0.0 unavailable (") and "uv==0.0.0" in line, line
+    assert (venv / "bin" / "pip").exists() and len(list(venv.glob(".deps-*"))) == 1
+
+
+def test_pip_configuration_reaches_uv_without_secrets(tmp_path: Path) -> None:
+    """uv reads neither pip.conf nor PIP_*: make/uv.py hands both over, hiding passwords,
+    and leaves alone what the user set for uv."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text(
+        "[global]\nindex-url = https://user:s3cret@mirror.invalid/simple\n"
+        "extra-index-url = file:///srv/a/simple file:///srv/b/simple\n"
+    )
+    env = {**os.environ, "PIP_CONFIG_FILE": str(conf), "PIP_FIND_LINKS": "/srv/wheels /srv/more"}
+    env.pop("UV_INDEX_STRATEGY", None)
+    env.pop("UV_HTTP_TIMEOUT", None)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "make" / "uv.py"), "--settings"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert "UV_INDEX_URL=https://user:***@mirror.invalid/simple" in out
+    assert "UV_EXTRA_INDEX_URL=file:///srv/a/simple file:///srv/b/simple" in out
+    assert "UV_FIND_LINKS=/srv/wheels,/srv/more" in out
+    assert "UV_INDEX_STRATEGY=unsafe-best-match" in out
+    assert "s3cret" not in "\n".join(out)
+    mine = subprocess.run(
+        [sys.executable, str(REPO / "make" / "uv.py"), "--settings"],
+        env={**env, "UV_INDEX_URL": "https://mine.invalid/simple"},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "UV_INDEX_URL" not in mine
+
+
+def test_make_lock_without_uv_is_one_line(tmp_path: Path) -> None:
     copy = copy_project(tmp_path / "p")
     before = (copy / "requirements.lock").read_bytes()
-    result = make("lock", copy, f"VENV={tmp_path / 'empty-venv'}")
+    result = make("lock", copy, env=unreachable_index(tmp_path), timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert error_lines(result.stderr) == [
-        f"error: {tmp_path / 'empty-venv'}/bin/pip-compile not found: run make setup first"
-    ]
+    (line,) = error_lines(result.stderr)
+    assert line.startswith("error: make lock needs uv: uv 0.13.9 unavailable ("), line
     assert (copy / "requirements.lock").read_bytes() == before

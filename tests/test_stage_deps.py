@@ -26,6 +26,7 @@ ENTRY_POINTS = {
     "process_data": ("src/process_data.py", ()),
     "train": ("src/train_model.py", ("imgpipe.sweep",)),
     "sweep": ("src/train_model.py", ()),
+    "predict": ("src/predict.py", ()),
 }
 
 

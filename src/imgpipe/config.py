@@ -188,42 +188,6 @@ class TrainConfig:
         )
 
 
-def _device_from_seed_keys(cfg: TrainConfig) -> None:
-    """The seed's ``no_cuda``/``no_mps`` (deprecated) as the one ``device`` key: what
-    ``auto`` would pick without them. Said once per process, in one line."""
-    given = {k: v for k in ("no_cuda", "no_mps") if (v := getattr(cfg, k)) is not None}
-    if not given:
-        return
-    cfg.no_cuda = cfg.no_mps = None
-    apple = platform.system() == "Darwin" and platform.machine() == "arm64"  # MPS is there
-    before = cfg.device
-    if before == "auto" and given.get("no_cuda") and (given.get("no_mps") or not apple):
-        cfg.device = "cpu"
-    elif before == "auto" and given.get("no_cuda"):
-        cfg.device = "mps"
-    elif before == "auto" and given.get("no_mps") and apple:
-        cfg.device = "cpu"
-    deprecated(
-        ", ".join(f"{k}={str(v).lower()}" for k, v in given.items()),
-        f"device={cfg.device}" + (" (unchanged)" if cfg.device == before else ""),
-    )
-
-
-_SAID: set[str] = set()
-
-
-def deprecated(old: str, new: str) -> None:
-    """One warning line per old spelling per process: it works this release, not the next."""
-    if old not in _SAID:
-        _SAID.add(old)
-        logging.getLogger("imgpipe.config").warning(
-            "config %s is deprecated and will stop working in the next release: "
-            "taken as %s (set that instead)",
-            old,
-            new,
-        )
-
-
 OPTIMIZERS = ("adadelta", "sgd", "adamw")  # imgpipe.models.optim builds them
 SCHEDULERS = ("step", "cosine", "none")
 AUGMENTS = ("none", "basic", "strong")  # imgpipe.augment's presets
@@ -264,6 +228,42 @@ def _check_model_keys(cfg: TrainConfig) -> None:
     )
 
 
+def _device_from_seed_keys(cfg: TrainConfig) -> None:
+    """The seed's ``no_cuda``/``no_mps`` (deprecated) as the one ``device`` key: what
+    ``auto`` would pick without them. Said once per process, in one line."""
+    given = {k: v for k in ("no_cuda", "no_mps") if (v := getattr(cfg, k)) is not None}
+    if not given:
+        return
+    cfg.no_cuda = cfg.no_mps = None
+    apple = platform.system() == "Darwin" and platform.machine() == "arm64"  # MPS is there
+    before = cfg.device
+    if before == "auto" and given.get("no_cuda") and (given.get("no_mps") or not apple):
+        cfg.device = "cpu"
+    elif before == "auto" and given.get("no_cuda"):
+        cfg.device = "mps"
+    elif before == "auto" and given.get("no_mps") and apple:
+        cfg.device = "cpu"
+    deprecated(
+        ", ".join(f"{k}={str(v).lower()}" for k, v in given.items()),
+        f"device={cfg.device}" + (" (unchanged)" if cfg.device == before else ""),
+    )
+
+
+_SAID: set[str] = set()
+
+
+def deprecated(old: str, new: str) -> None:
+    """One warning line per old spelling per process: it works this release, not the next."""
+    if old not in _SAID:
+        _SAID.add(old)
+        logging.getLogger("imgpipe.config").warning(
+            "config %s is deprecated and will stop working in the next release: "
+            "taken as %s (set that instead)",
+            old,
+            new,
+        )
+
+
 def result_keys(*roles: str) -> tuple[str, ...]:
     """TrainConfig's keys that change a result, in declaration order; all roles by default."""
     wanted = roles or ROLES
@@ -290,9 +290,7 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         _check(self.predict_top_k >= 1, "predict_top_k", self.predict_top_k, ">= 1")
-        _check(
-            self.predict_batch_size >= 1, "predict_batch_size", self.predict_batch_size, ">= 1"
-        )
+        _check(self.predict_batch_size >= 1, "predict_batch_size", self.predict_batch_size, ">= 1")
         _check(
             self.predict_num_workers >= 0, "predict_num_workers", self.predict_num_workers, ">= 0"
         )

@@ -178,9 +178,7 @@ def _train(
     spec = run_spec(cfg, tracking_uri, device, data, model_spec, state.run_id, parent_run_id, tags)
     # Rank 0 alone talks to the world: MLflow, dvclive, checkpoints, the model.
     tracker = (
-        Tracker(cfg.live_dir_path, spec, images=cfg.live_images)
-        if group.main
-        else SilentTracker()
+        Tracker(cfg.live_dir_path, spec, images=cfg.live_images) if group.main else SilentTracker()
     )
     with tracker:
         if resumed:
