@@ -4,7 +4,7 @@ Training never waits for the tracking server and never stops because it is gone.
 that fails to send (connection refused, a timeout, HTTP 5xx, any ``MlflowException``) stays
 at the head of the queue and is retried with backoff; one warning says tracking is lost,
 one that it is back. The checkpoint holds the whole history anyway (it is the source of
-truth): what never arrives is added later by ``python -m imgpipe.tracking.sync``.
+truth): what never arrives is added later by ``imgpipe sync``.
 
 Exactly once: a batch whose request failed may still have reached the server (the answer
 was lost), so before sending it again the run's history is read and the metrics already
