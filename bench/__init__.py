@@ -32,5 +32,6 @@ SECTIONS: dict[str, str] = {
     "ddp": "DDP on the CPU: processes against threads, start-up",
     "gpu": "everything a GPU changes (on a CUDA machine)",
     "models": "augmentation cost, and a timm epoch through the stage against a bare loop",
+    "sweep": "sweeps: pruning against none, 1 against 2 journal workers",
 }
 DEFAULT = "pipeline"

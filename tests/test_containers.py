@@ -324,8 +324,9 @@ def test_dvc_repro_runs_every_stage_in_the_image_as_the_caller(
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert output.count("runtime: docker (imgpipe:cpu)") == 3, output[-4000:]
-    assert output.count(f"docker run --rm --init --user {caller.pw_uid}:{caller.pw_gid} ") == 3
+    # process_data, train, predict and sweep: each stage in the image.
+    assert output.count("runtime: docker (imgpipe:cpu)") == 4, output[-4000:]
+    assert output.count(f"docker run --rm --init --user {caller.pw_uid}:{caller.pw_gid} ") == 4
 
     # Every file the stages wrote belongs to the caller: nothing ran as root in there.
     foreign = [p for p in project.rglob("*") if p.lstat().st_uid != caller.pw_uid]

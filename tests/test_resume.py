@@ -125,6 +125,22 @@ def test_resume_without_checkpoint_starts_fresh_and_says_so(
     assert "no checkpoint" in caplog.text and "starting fresh" in caplog.text
 
 
+def test_resuming_a_run_that_already_reached_its_epochs_ends_it_finished(
+    cfg: TrainConfig,
+) -> None:
+    """A kill after the last checkpoint but before the run's status was set: the resume has
+    no epoch left to train, and still logs the model and ends the run FINISHED."""
+    from mlflow import MlflowClient
+
+    first = train(replace(cfg, epochs=1))
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    client.update_run(first.run_id, status="RUNNING")  # as a SIGKILL at the end leaves it
+    again = train(replace(cfg, epochs=1, resume=True))
+    assert again.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert again.test_accuracy == first.test_accuracy
+
+
 def test_resume_false_starts_a_new_run_even_with_a_checkpoint(cfg: TrainConfig) -> None:
     path = Path(cfg.model_checkpoint_dir_path) / "checkpoint.pt"
     train(replace(cfg, epochs=1))

@@ -193,6 +193,9 @@ class MlflowRun:
         it, on a thread of its own: the training thread goes on to its last writes, and
         ``end`` waits for this before the run's status is set (tracking.model_files)."""
         self._model_file = Path(model_file)
+        # A resumed run that had already reached its epochs logs no epoch first: the run
+        # must exist (its starter done) before the model can go into it.
+        self.wait()
         if self.run_id is None or self._client is None:
             return  # the run never started: ``end`` says what is missing
         self._model_thread = threading.Thread(
