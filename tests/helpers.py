@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,18 @@ def answering_docker() -> str | None:
         if found and subprocess.run([found, "info"], capture_output=True).returncode == 0:
             return found
     return None
+
+
+def start_sweep(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    """``train_model.py --multirun ...`` in a session of its own (so a test can SIGKILL the
+    whole group), its console lines readable from ``.stderr`` as they come."""
+    from imgpipe.testing import REPO
+
+    return subprocess.Popen(
+        [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args],
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )

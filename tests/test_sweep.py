@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import IN_CI, error_lines
+from helpers import IN_CI, error_lines, start_sweep
 from imgpipe.testing import REPO, run_script
 
 pytestmark = pytest.mark.slow
@@ -223,14 +223,7 @@ def test_an_existing_study_with_other_directions_is_refused(
 
 def test_a_killed_sweep_resumes_where_it_stopped(sample_processed: Path, tmp_path: Path) -> None:
     args = sweep_args(tmp_path, sample_processed, "hydra.sweeper.n_trials=4", "epochs=4")
-    proc = subprocess.Popen(
-        [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_sweep(args, tmp_path)
     third_started = False
     for line in proc.stderr:
         third_started = third_started or "trial 2 (worker" in line

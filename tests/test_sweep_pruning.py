@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import error_lines
+from helpers import error_lines, start_sweep
 from imgpipe.testing import REPO, run_script
 
 pytestmark = pytest.mark.slow
@@ -60,14 +60,7 @@ def test_median_pruning_of_two_objectives_counts_pruned_trials_and_resumes_after
     from mlflow import MlflowClient
 
     args = sweep_args(tmp_path, sample_processed, *BAD_LRS, "hydra.sweeper.n_trials=8")
-    proc = subprocess.Popen(
-        [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args],
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_sweep(args, tmp_path)
     seen_fifth = False
     for line in proc.stderr:  # kill in the middle of the fifth trial
         seen_fifth = seen_fifth or "trial 4 (worker" in line
