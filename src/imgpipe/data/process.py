@@ -143,12 +143,7 @@ def _decode_pixels(path: str, target: Target, out: np.ndarray | None = None) -> 
 
             return target.fit(Image.fromarray(pixels), path)
         with open_image(path, target.max_pixels) as im:
-            target.check_size(im.size, path)
-            target.draft(im)
-            if im.mode == target.mode and im.size == target.size:
-                return im.tobytes()
-            converted = _to_dataset_mode(im, path)
-        return target.fit(converted, path)
+            return _pillow_pixels(im, path, target)
     except DECODE_ERRORS as exc:
         raise PipelineError(f"{path}: cannot decode image ({exc})") from exc
 
@@ -159,14 +154,20 @@ def decode_image_data(data: bytes, fmt: str, name: str, target: Target) -> bytes
     target's size and mode. ``fmt`` is the format the sender declared."""
     try:
         with open_image_data(data, fmt, name, target.max_pixels) as im:
-            target.check_size(im.size, name)
-            target.draft(im)
-            if im.mode == target.mode and im.size == target.size:
-                return im.tobytes()
-            converted = _to_dataset_mode(im, name)
-        return target.fit(converted, name)
+            return _pillow_pixels(im, name, target)
     except DECODE_ERRORS as exc:
         raise PipelineError(f"{name}: cannot decode image ({exc})") from exc
+
+
+def _pillow_pixels(im, name: str, target: Target) -> bytes:
+    """An opened (not yet loaded) image as ``target``'s bytes, decoded by Pillow: straight
+    to bytes when it already is in the target's size and mode, else converted and fitted;
+    ``name`` is what an error names."""
+    target.check_size(im.size, name)
+    target.draft(im)
+    if im.mode == target.mode and im.size == target.size:
+        return im.tobytes()
+    return target.fit(_to_dataset_mode(im, name), name)
 
 
 def _decode_chunk(
