@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, JpegImagePlugin, PngImagePlugin
+
+from bench.measure import pool_rate
 
 
 def naive_process(files: list[Path], labels: list[int], out_dir: Path) -> float:
@@ -73,14 +74,7 @@ def _decode(names: list[str]) -> int:
 
 def decode_limit(files: list[Path], workers: int) -> float:
     """Images per second when every core does nothing but decode."""
-    names = [str(p) for p in files]
-    chunk = max(1, len(names) // (workers * 8))
-    parts = [names[i : i + chunk] for i in range(0, len(names), chunk)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(_decode, parts[:workers]))  # warm the workers up
-        start = time.perf_counter()
-        done = sum(pool.map(_decode, parts))
-    return done / (time.perf_counter() - start)
+    return pool_rate(_decode, [str(p) for p in files], workers)
 
 
 def bare_training(

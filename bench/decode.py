@@ -30,16 +30,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from bench import baselines, sections
 from bench.dataset import generate
+from bench.measure import best_of_turns, process_rate
 from bench.photos import PHOTO_SIZES, PROCESS_VS_LIMIT, generate_photos, measure_photos, photo_rows
 from bench.sections import BENCH
 from imgpipe.cpus import available_cpus
-from imgpipe.data import process_dataset
 
 TOPIC = "decoding"
 PROCESS_VS_PILLOW = 1.3
@@ -164,17 +165,18 @@ def _pillow_pixels(name: str) -> np.ndarray:
         return np.asarray(im)
 
 
+def _one_pass(decode: Callable, inputs: list) -> float:
+    start = time.perf_counter()
+    for item in inputs:
+        decode(item)
+    return len(inputs) / (time.perf_counter() - start)
+
+
 def tight_loops(found: dict[str, Callable], inputs: list, repeats: int) -> dict[str, float]:
     """Images per second on one core, each decoder's best of ``repeats`` passes over
-    ``inputs``, the decoders taking turns (on a shared machine the load changes under a run)."""
-    best = dict.fromkeys(found, 0.0)
-    for _ in range(repeats):
-        for label, decode in found.items():
-            start = time.perf_counter()
-            for item in inputs:
-                decode(item)
-            best[label] = max(best[label], len(inputs) / (time.perf_counter() - start))
-    return best
+    ``inputs``, the decoders taking turns."""
+    runs = {label: partial(_one_pass, decode, inputs) for label, decode in found.items()}
+    return best_of_turns(runs, repeats)
 
 
 def identical(decode: Callable[[str], object], names: list[str]) -> bool:
@@ -207,15 +209,14 @@ def measure(kind: str, raw: Path, work: Path, sample: int, repeats: int, cpus: i
         }
         for label, decode in found.items()
     }
-    best = {"limit": 0.0, "fast": 0.0, "pillow": 0.0}
-    for rep in range(repeats):
-        best["limit"] = max(best["limit"], baselines.decode_limit([Path(f) for f in files], cpus))
-        for mode in ("fast", "pillow"):
-            out = work / f"processed-{mode}-{rep}"
-            start = time.perf_counter()
-            process_dataset(raw, out, 0, fast_decoders=mode == "fast")
-            best[mode] = max(best[mode], len(files) / (time.perf_counter() - start))
-            shutil.rmtree(out)
+    runs = {
+        "limit": partial(baselines.decode_limit, [Path(f) for f in files], cpus),
+        "fast": partial(process_rate, raw, work / "processed-fast", len(files)),
+        "pillow": partial(
+            process_rate, raw, work / "processed-pillow", len(files), fast_decoders=False
+        ),
+    }
+    best = best_of_turns(runs, repeats)
     return {
         "files": len(files),
         "sample": len(names),

@@ -1,18 +1,26 @@
-"""How the benchmarks measure: timers, the peak memory of a process tree, a server settling
-after start-up, a tracking request's round trip, the machine and its speed reference, and the
-entry point run with its result captured."""
+"""How the benchmarks measure: timers, rates taking turns, a function's rate on every core,
+process_data's rate, the peak memory of a process tree, a server settling after start-up, a
+tracking request's round trip, the machine and its speed reference, and the entry point run
+with its result captured."""
 
 from __future__ import annotations
 
 import contextlib
 import platform
+import shutil
 import subprocess
 import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from imgpipe.cpus import available_cpus
+from imgpipe.data import process_dataset
+
+Item = TypeVar("Item")
 
 
 def peak_rss(cmd: list[str], cwd: Path) -> tuple[float, float, float]:
@@ -80,6 +88,39 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return time.perf_counter() - start, result
+
+
+def best_of_turns(runs: Mapping[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each run's best rate of ``repeats``, the runs taking turns: on a shared machine the
+    load changes under a run, and alternating spreads it over all of them alike."""
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            best[name] = max(best[name], run())
+    return best
+
+
+def pool_rate(work: Callable[[list[Item]], int], items: list[Item], workers: int) -> float:
+    """Items per second of ``work`` over ``items`` on ``workers`` processes, nothing else.
+    ``work`` (picklable) takes a list of items and returns how many it did; every worker does
+    one chunk first, untimed (imports, first calls)."""
+    chunk = max(1, len(items) // (workers * 8))
+    parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(work, parts[:workers]))  # warm the workers up
+        start = time.perf_counter()
+        done = sum(pool.map(work, parts))
+    return done / (time.perf_counter() - start)
+
+
+def process_rate(raw: Path, out: Path, images: int, **options: object) -> float:
+    """Images per second of process_data (``process_dataset`` on every core) of the
+    ``images`` in ``raw``, written to ``out`` and removed afterwards."""
+    start = time.perf_counter()
+    process_dataset(raw, out, 0, **options)
+    rate = images / (time.perf_counter() - start)
+    shutil.rmtree(out)
+    return rate
 
 
 # Runs the entry point argv[2] with the overrides after it, as `python SCRIPT ...` would, and

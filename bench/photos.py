@@ -9,15 +9,14 @@ the same target cost before, with how far apart their pixels are.
 
 from __future__ import annotations
 
-import shutil
-import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from bench import baselines, sections
-from imgpipe.data import process_dataset
+from bench.measure import best_of_turns, pool_rate, process_rate
 
 # Targets shared with the other decoding rows.
 PROCESS_VS_LIMIT = 0.85
@@ -103,22 +102,16 @@ PHOTO_LOOPS = {
 }
 
 
-def _photo_loop(job: tuple[str, list[str]]) -> int:
-    loop = PHOTO_LOOPS[job[0]]
-    for name in job[1]:
+def _photo_loop(kind: str, names: list[str]) -> int:
+    loop = PHOTO_LOOPS[kind]
+    for name in names:
         loop(name)
-    return len(job[1])
+    return len(names)
 
 
 def photo_limit(kind: str, names: list[str], workers: int) -> float:
     """Images per second of one of ``PHOTO_LOOPS`` on every core, nothing else."""
-    chunk = max(1, len(names) // (workers * 8))
-    parts = [(kind, names[i : i + chunk]) for i in range(0, len(names), chunk)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(_photo_loop, parts[:workers]))  # warm the workers up
-        start = time.perf_counter()
-        done = sum(pool.map(_photo_loop, parts))
-    return done / (time.perf_counter() - start)
+    return pool_rate(partial(_photo_loop, kind), names, workers)
 
 
 def pixel_difference(names: list[str]) -> dict:
@@ -137,15 +130,12 @@ def pixel_difference(names: list[str]) -> dict:
 def measure_photos(raw: Path, work: Path, repeats: int, cpus: int) -> dict:
     """Best of ``repeats`` each, taking turns: the three limits and process_data."""
     files = sorted(str(p) for p in raw.rglob("*.jpg"))
-    best = dict.fromkeys([*PHOTO_LOOPS, "process"], 0.0)
-    for rep in range(repeats):
-        for kind in PHOTO_LOOPS:
-            best[kind] = max(best[kind], photo_limit(kind, files, cpus))
-        out = work / f"processed-photos-{rep}"
-        start = time.perf_counter()
-        process_dataset(raw, out, 0, image_size=PHOTO_TARGET[::-1], image_mode="RGB")
-        best["process"] = max(best["process"], len(files) / (time.perf_counter() - start))
-        shutil.rmtree(out)
+    runs = {kind: partial(photo_limit, kind, files, cpus) for kind in PHOTO_LOOPS}
+    runs["process"] = partial(
+        process_rate, raw, work / "processed-photos", len(files),
+        image_size=PHOTO_TARGET[::-1], image_mode="RGB",
+    )  # fmt: skip
+    best = best_of_turns(runs, repeats)
     return {"files": len(files), "ips": best, "pixels": pixel_difference(files[:50])}
 
 
