@@ -25,12 +25,13 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from imgpipe.atomic import atomic_dir, atomic_file
 from imgpipe.errors import PipelineError
@@ -89,24 +90,34 @@ def bundle_text(reuse: Path | None = None) -> str:
     return header + vl_convert.javascript_bundle(vl_version=VEGA_LITE)
 
 
-PREDICTIONS = "predictions"  # the predict stage's outputs (conf/predict.yaml predict_output_dir)
-
-
 def write_page(project: Path, out: Path) -> Path:
     """``dvc plots show`` of ``project`` through the offline template into ``out``
-    (replaced as a whole, only when DVC succeeds); the page's path."""
+    (replaced as a whole, only when DVC succeeds); the page's path.
+
+    A plot whose file is missing waits, said in one line, when a stage of dvc.yaml that has
+    not run here (its output is absent) writes it: the page is drawn without it, so the
+    curves show before the later, optional stages (predict) have run. A missing file that a
+    stage which ran should have written, or that no stage writes, is an error.
+    """
     out = out if out.is_absolute() else project / out
-    left_out = []
-    for path in plot_files(project):
-        if (project / path).exists():
-            continue
-        if Path(path).parts[0] == PREDICTIONS:
-            # The predict stage comes after training and is optional: its plot joins the
-            # page once `make predict` has run (dvc plots show leaves a missing file out).
-            print(f"{path} not drawn: run `make predict` first", file=sys.stderr)
-            left_out.append(path)
-            continue
-        raise PipelineError(f"{path} (a plot in dvc.yaml) is missing: train first (`make train`)")
+    missing = [path for path in plot_files(project) if not (project / path).exists()]
+    writers = stages_writing(project, missing) if missing else {}
+    for path in missing:
+        writer = writers.get(path)
+        if writer is None:
+            raise PipelineError(
+                f"{path} (a plot in dvc.yaml) is missing, and no stage of dvc.yaml writes it"
+            )
+        if writer.ran:
+            raise PipelineError(
+                f"{path} (a plot in dvc.yaml) is missing: {writer.stage} first (`{writer.command}`)"
+            )
+    for path in missing:
+        stage, command, _ = writers[path]
+        print(
+            f"{path} not drawn: run `{command}` first (stage {stage} has not run here)",
+            file=sys.stderr,
+        )
     dvc = Path(sys.executable).parent / "dvc"
     with atomic_dir(out) as tmp:
         template = tmp / ".template.html"
@@ -120,14 +131,50 @@ def write_page(project: Path, out: Path) -> Path:
         )  # fmt: skip
         template.unlink()
         # DVC says it "failed to load" a plot whose file is missing, without naming it: with
-        # the predict plot left out on purpose, that line is the one expected.
+        # a plot left out on purpose, that line is the one expected.
         failed = [
-            ln for ln in proc.stderr.splitlines() if "failed to load" in ln.lower() and not left_out
+            ln for ln in proc.stderr.splitlines() if "failed to load" in ln.lower() and not missing
         ]
         if proc.returncode != 0 or not (tmp / "index.html").is_file() or failed:
             reason = (failed or proc.stderr.strip().splitlines() or ["no page written"])[-1]
             raise PipelineError(f"dvc plots show in {project}: {reason.strip()}")
     return out / "index.html"
+
+
+class Writer(NamedTuple):
+    stage: str  # as `dvc repro` addresses it
+    command: str  # what runs it: the stage's own when it is one make target, else dvc repro
+    ran: bool  # its output is here: the stage has run in this workspace
+
+
+def stages_writing(project: Path, paths: list[str]) -> dict[str, Writer]:
+    """Of ``paths`` (relative to ``project``), those that a stage of dvc.yaml declares among
+    its outs (the file, or a folder above it), as DVC itself resolves them (``${...}`` from
+    params.yaml), and the stage that writes each."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    wanted = {path: (project / path).resolve() for path in paths}
+    found: dict[str, Writer] = {}
+    try:
+        with Repo(str(project)) as repo:
+            stages = [stage for stage in repo.index.stages if stage.cmd]  # not .dvc files
+            for stage in stages:
+                for output in stage.outs:
+                    where = Path(output.fs_path).resolve()
+                    for path, file in wanted.items():
+                        if path not in found and file.is_relative_to(where):
+                            found[path] = Writer(stage.addressing, _command(stage), where.exists())
+    except DvcException as exc:
+        raise PipelineError(f"{project / 'dvc.yaml'}: {str(exc).splitlines()[0]}") from None
+    return found
+
+
+def _command(stage) -> str:
+    cmd = stage.cmd.strip() if isinstance(stage.cmd, str) else ""
+    if re.fullmatch(r"make [\w.-]+", cmd):
+        return cmd
+    return f"dvc repro {stage.addressing}"
 
 
 def plot_files(project: Path) -> list[str]:
