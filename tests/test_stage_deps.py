@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imgpipe.config import result_keys
+from imgpipe.config import SWEEP, result_keys
 from imgpipe.testing import REPO
 
 SRC = REPO / "src"
@@ -100,5 +100,6 @@ def test_keys_that_change_a_result_are_params_of_train_and_sweep() -> None:
     searched = set(conf["hydra"]["sweeper"]["params"])
     keys = set(result_keys())
     assert keys <= set(stage("train")["params"])
-    # The sweep searches some keys itself: the others are its params, and nothing more.
-    assert set(stage("sweep")["params"]) == keys - searched
+    # The sweep searches some keys itself: the others are its params, with the pruner's
+    # (they change which trials complete: the sweep's result), and nothing more.
+    assert set(stage("sweep")["params"]) == (keys - searched) | set(result_keys(SWEEP))

@@ -160,6 +160,24 @@ def test_a_refused_pruner_is_one_line(tmp_path: Path, overrides: list[str], expe
     assert not (tmp_path / "sweep" / "study").exists()
 
 
+def test_the_pruner_is_a_param_of_the_sweep_stage_but_keeps_the_study() -> None:
+    """Turning pruning on for a study that ran without it continues that study (its complete
+    trials are what they were), while DVC reruns the sweep stage (its result changes)."""
+    from dataclasses import asdict
+
+    from imgpipe.config import TrainConfig
+    from imgpipe.sweep.settings import sweep_fingerprint
+
+    base = asdict(TrainConfig())
+    space, directions = {"lr": "interval(0.5,2.0)"}, ["minimize", "maximize"]
+    pruned = base | {"sweep_pruner": "median", "sweep_pruner_startup_trials": 5}
+    before = sweep_fingerprint(base, space, directions)
+    assert sweep_fingerprint(pruned, space, directions) == before
+    assert sweep_fingerprint(base | {"gamma": 0.5}, space, directions) != before
+    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["sweep"]["params"]
+    assert {"sweep_pruner", "sweep_pruner_startup_trials"} <= set(params)
+
+
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_two_processes_on_one_study_draw_distinct_params_and_end_with_n_trials(
     sample_processed: Path, tmp_path: Path, storage: str

@@ -71,6 +71,10 @@ TRAJECTORY = "trajectory"  # the path training takes: a resume with another valu
 LENGTH = "length"  # how far training goes: a resume may extend it
 EVALUATION = "evaluation"  # how the numbers are measured, not the weights
 ROLES = (TRAJECTORY, LENGTH, EVALUATION)
+# Which trials of a sweep train all their epochs: the sweep's result (its best trial, its
+# Pareto front), never a training's. Not in ROLES: no training, resume or study fingerprint
+# depends on it (a study may change it between runs); the sweep stage's DVC params do.
+SWEEP = "sweep"
 
 
 def _changes(role: str, default: Any) -> Any:
@@ -136,12 +140,11 @@ class TrainConfig:
     # Splits bigger than this are streamed from their files (imgpipe.streaming): same
     # numbers either way, so no role. None: half of the memory available (cgroups count).
     memory_budget_mb: int | None = None
-    # A sweep's pruning (imgpipe.sweep.pruning): which trials run all their epochs. It
-    # changes the sweep's result, not a training's, and a study may change it between runs.
-    sweep_pruner: str = "none"
-    sweep_pruner_startup_trials: int = 3
-    sweep_pruner_warmup_epochs: int = 1
-    sweep_pruner_percentile: float = 50.0
+    # A sweep's pruning (imgpipe.sweep.pruning): which trials run all their epochs (SWEEP).
+    sweep_pruner: str = _changes(SWEEP, "none")
+    sweep_pruner_startup_trials: int = _changes(SWEEP, 3)
+    sweep_pruner_warmup_epochs: int = _changes(SWEEP, 1)
+    sweep_pruner_percentile: float = _changes(SWEEP, 50.0)
 
     def __post_init__(self) -> None:
         _device_from_seed_keys(self)
@@ -265,7 +268,8 @@ def deprecated(old: str, new: str) -> None:
 
 
 def result_keys(*roles: str) -> tuple[str, ...]:
-    """TrainConfig's keys that change a result, in declaration order; all roles by default."""
+    """TrainConfig's keys that change a result, in declaration order; a training's roles
+    (``ROLES``) by default, the sweep's (``SWEEP``) only when asked for."""
     wanted = roles or ROLES
     return tuple(f.name for f in fields(TrainConfig) if f.metadata.get("changes") in wanted)
 

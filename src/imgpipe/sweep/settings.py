@@ -23,6 +23,10 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/imgpipe
 
 # The keys that change what a trial computes; paths and tracking settings do not,
 # so workers on several machines with their own paths still join one study.
+# The pruner's keys (``config.SWEEP``: ``result_keys("sweep")``) change which trials train
+# all their epochs, so the sweep's result and its DVC params, but not what any epoch of a
+# trial computes: they stay out. A study continued with another pruner keeps its trials
+# (Optuna lets a study change its pruner between runs); a complete trial is the same.
 FINGERPRINT_KEYS = result_keys()
 
 
