@@ -160,6 +160,54 @@ def test_a_refused_pruner_is_one_line(tmp_path: Path, overrides: list[str], expe
     assert not (tmp_path / "sweep" / "study").exists()
 
 
+def test_the_two_objective_rule_prunes_where_optunas_median_pruner_does() -> None:
+    """The same val-loss curves judged twice: by Optuna's MedianPruner in a one-objective
+    study and by the project's rule in a two-objective one (reference: complete trials only;
+    a trial's best so far against their value at the epoch; warm-up; start-up trials)."""
+    import numpy as np
+    import optuna
+    from optuna.trial import TrialState
+
+    from imgpipe.sweep.pruning import CURVE_ATTR, EpochJudge, Pruned, PrunerSettings, optuna_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    epochs, rng = 6, np.random.default_rng(3)
+    curves = [list(np.cumsum(rng.uniform(-0.3, 0.1, epochs)) + 2.0) for _ in range(30)]
+    settings = PrunerSettings("median", startup_trials=3, warmup_epochs=1)
+    one = optuna.create_study(direction="minimize", pruner=optuna_pruner(settings, epochs))
+    two = optuna.create_study(directions=["minimize", "maximize"])
+    by_optuna, by_rule = [], []
+    for curve in curves:
+        trial, stopped = one.ask(), epochs
+        for epoch, value in enumerate(curve, 1):
+            trial.report(value, epoch)
+            if epoch < epochs and trial.should_prune():
+                stopped = epoch
+                break
+        one.tell(
+            trial,
+            None if stopped < epochs else curve[-1],
+            state=None if stopped == epochs else TrialState.PRUNED,
+        )
+        by_optuna.append(stopped)
+
+        trial, stopped = two.ask(), epochs
+        judge = EpochJudge(trial, two, settings, ["minimize", "maximize"], "val/loss", epochs)
+        try:
+            for epoch, value in enumerate(curve, 1):
+                judge(epoch, {"val/loss": value}, None)
+        except Pruned as exc:
+            stopped = exc.epoch
+        assert trial.user_attrs[CURVE_ATTR] == curve[:stopped]
+        if stopped < epochs:
+            two.tell(trial, state=TrialState.PRUNED)
+        else:
+            two.tell(trial, [curve[-1], 0.5])
+        by_rule.append(stopped)
+    assert by_rule == by_optuna
+    assert epochs in by_rule and min(by_rule) == 2  # some run to the end, some stop early
+
+
 def test_the_pruner_is_a_param_of_the_sweep_stage_but_keeps_the_study() -> None:
     """Turning pruning on for a study that ran without it continues that study (its complete
     trials are what they were), while DVC reruns the sweep stage (its result changes)."""

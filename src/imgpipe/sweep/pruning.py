@@ -182,7 +182,13 @@ class EpochJudge:
         ]
         if not others:
             return False
-        mine = [v for v in self.curve[:epoch] if v is not None]
-        best = max(mine) if self.directions[0] == "maximize" else min(mine)
+        import numpy as np
+
+        # The trial's best so far, NaN only when every epoch was: then it is pruned, as
+        # Optuna's PercentilePruner does (np.nanmax/nanmin, its own arithmetic).
+        mine = np.array([v for v in self.curve[:epoch] if v is not None], dtype=float)
+        if np.isnan(mine).all():
+            return True
+        best = float(np.nanmax(mine) if self.directions[0] == "maximize" else np.nanmin(mine))
         share = 50.0 if self.settings.name == "median" else self.settings.percentile
         return percentile_rule(best, others, self.directions[0], share)
