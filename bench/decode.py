@@ -29,7 +29,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +37,14 @@ import numpy as np
 from bench import baselines, sections
 from bench.dataset import generate
 from bench.measure import best_of_turns, process_rate
-from bench.photos import PHOTO_SIZES, PROCESS_VS_LIMIT, generate_photos, measure_photos, photo_rows
+from bench.photos import (
+    PHOTO_SIZES,
+    PROCESS_VS_LIMIT,
+    generate_digit_jpegs,
+    generate_photos,
+    measure_photos,
+    photo_rows,
+)
 from bench.sections import BENCH
 from imgpipe.cpus import available_cpus
 
@@ -46,36 +52,22 @@ TOPIC = "decoding"
 PROCESS_VS_PILLOW = 1.3
 
 
-def _write_jpegs(args: tuple[str, int, int, int]) -> None:
-    """Sample digits upscaled to ``size`` x ``size``, tinted and noised: photo-like RGB
-    content, JPEG quality 90 with Pillow's default 4:2:0 subsampling (deterministic)."""
+def paint_tinted(
+    digit: np.ndarray, i: int, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray
+) -> np.ndarray:
+    """Photo-like content: the digit upscaled, tinted, over a gradient, noised."""
     from PIL import Image
-    from sklearn.datasets import load_digits
 
-    root, start, stop, size = args
-    digits = load_digits()
-    base = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(start, stop):
-        rng = np.random.default_rng(i)
-        src = i % len(base)
-        digit = np.asarray(Image.fromarray(base[src]).resize((size, size), Image.BILINEAR))
-        tint = rng.integers(60, 256, 3)
-        background = np.stack([(xx + yy + 40 * c + i) % 256 for c in range(3)], -1) // 3
-        pixels = background + digit[..., None].astype(np.int32) * tint // 255
-        pixels = np.clip(pixels + rng.integers(0, 16, pixels.shape), 0, 255).astype(np.uint8)
-        split = "test" if i % 6 == 0 else "train"
-        path = Path(root) / split / str(int(digits.target[src])) / f"{i:07d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(path, quality=90)
+    digit = np.asarray(Image.fromarray(digit).resize(xx.shape[::-1], Image.BILINEAR))
+    tint = rng.integers(60, 256, 3)
+    background = np.stack([(xx + yy + 40 * c + i) % 256 for c in range(3)], -1) // 3
+    pixels = background + digit[..., None].astype(np.int32) * tint // 255
+    return np.clip(pixels + rng.integers(0, 16, pixels.shape), 0, 255).astype(np.uint8)
 
 
 def generate_jpegs(root: Path, count: int, size: int, workers: int) -> None:
-    """An ImageFolder layout (no CSV) of ``count`` JPEGs, 1 in 6 in test."""
-    chunk = max(1, count // (workers * 4))
-    jobs = [(str(root), s, min(count, s + chunk), size) for s in range(0, count, chunk)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(_write_jpegs, jobs))
+    """An ImageFolder layout (no CSV) of ``count`` RGB JPEGs of ``size`` x ``size``."""
+    generate_digit_jpegs(root, count, (size, size), workers, paint_tinted)
 
 
 # --------------------------------------------------------------------------- decoders

@@ -9,6 +9,7 @@ the same target cost before, with how far apart their pixels are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -22,40 +23,61 @@ from bench.measure import best_of_turns, pool_rate, process_rate
 PROCESS_VS_LIMIT = 0.85
 
 
-def _write_photos(args: tuple[str, int, int, int, int]) -> None:
-    """Photo-like RGB JPEGs of ``width`` x ``height``: a sample digit upscaled over a smooth
-    tinted background, mild sensor-like noise, quality 90, 4:2:0 (deterministic)."""
+# What paints the n-th image: (the sample digit, n, a generator seeded with n, the x and y
+# pixel grids of the image) -> its RGB pixels. A module-level function: it goes to workers.
+Painter = Callable[[np.ndarray, int, np.random.Generator, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _write_digit_jpegs(args: tuple[str, int, int, tuple[int, int], Painter]) -> None:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    root, start, stop, width, height = args
+    root, start, stop, (width, height), paint = args
     digits = load_digits()
     base = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
     yy, xx = np.mgrid[0:height, 0:width]
     for i in range(start, stop):
-        rng = np.random.default_rng(i)
         src = i % len(base)
-        digit = np.asarray(Image.fromarray(base[src]).resize((width, height), Image.BICUBIC))
-        tint = rng.integers(60, 256, 3)
-        phase = rng.integers(0, 256, 3)
-        background = np.stack(
-            [(128 + 100 * np.sin((xx + yy * (c + 1)) / (width / 7) + phase[c])) for c in range(3)],
-            -1,
-        )
-        pixels = 0.6 * background + digit[..., None] * tint / 255 * 0.6
-        pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
+        pixels = paint(base[src], i, np.random.default_rng(i), xx, yy)
         split = "test" if i % 6 == 0 else "train"
         path = Path(root) / split / str(int(digits.target[src])) / f"{i:07d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(path, quality=90)
 
 
-def generate_photos(root: Path, count: int, size: tuple[int, int], workers: int) -> None:
-    """An ImageFolder layout (no CSV) of ``count`` photo-like JPEGs of ``size`` (w, h)."""
+def generate_digit_jpegs(
+    root: Path, count: int, size: tuple[int, int], workers: int, paint: Painter
+) -> None:
+    """An ImageFolder layout (no CSV) of ``count`` JPEGs of ``size`` (w, h), 1 in 6 in test:
+    the sample digits painted by ``paint``, quality 90, 4:2:0 (deterministic)."""
     chunk = max(1, count // (workers * 4))
-    jobs = [(str(root), s, min(count, s + chunk), *size) for s in range(0, count, chunk)]
+    jobs = [(str(root), s, min(count, s + chunk), size, paint) for s in range(0, count, chunk)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(_write_photos, jobs))
+        list(pool.map(_write_digit_jpegs, jobs))
+
+
+def paint_photo(
+    digit: np.ndarray, i: int, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray
+) -> np.ndarray:
+    """Photo-like: the digit upscaled over a smooth tinted background, mild sensor-like
+    noise."""
+    from PIL import Image
+
+    height, width = xx.shape
+    digit = np.asarray(Image.fromarray(digit).resize((width, height), Image.BICUBIC))
+    tint = rng.integers(60, 256, 3)
+    phase = rng.integers(0, 256, 3)
+    background = np.stack(
+        [(128 + 100 * np.sin((xx + yy * (c + 1)) / (width / 7) + phase[c])) for c in range(3)],
+        -1,
+    )
+    pixels = 0.6 * background + digit[..., None] * tint / 255 * 0.6
+    return np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
+
+
+def generate_photos(root: Path, count: int, size: tuple[int, int], workers: int) -> None:
+    """``count`` photo-like JPEGs of ``size`` (w, h) in an ImageFolder layout."""
+    generate_digit_jpegs(root, count, size, workers, paint_photo)
 
 
 PHOTO_TARGET = (224, 224)  # (width, height), image_size=[224,224]
