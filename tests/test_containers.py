@@ -8,6 +8,7 @@ in the docker group that .ci/run creates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -25,7 +26,7 @@ import pytest
 
 from helpers import IN_CI, error_lines
 from imgpipe import checkpoint
-from imgpipe.data import export_sample_digits
+from imgpipe.data import export_sample_digits, load_processed
 from imgpipe.testing import (
     VENV,
     copy_project,
@@ -555,3 +556,85 @@ def test_a_stop_reaches_the_training_container_and_resume_ends_equal(
     assert straight.returncode == 0, straight.stderr[-2000:]
     metrics = json.loads((project / "dvclive" / "metrics.json").read_text())
     assert metrics == json.loads((local / "dvclive" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm-to-make", "docker-stop"])
+def test_make_serve_in_the_image_answers_as_the_local_model_and_a_stop_leaves_no_container(
+    workspace: tuple[Path, Path], caller: pwd.struct_passwd, how: str
+) -> None:
+    """`make serve RUNTIME=docker`: the server in the project's image gets ready on the
+    host's loopback, a real client's /predict answer equals the same model's answer here,
+    and SIGTERM to make (as Ctrl-C or a scheduler) or `docker stop` leaves no container."""
+    import httpx
+
+    from imgpipe.data import process_dataset
+    from imgpipe.inference import Classifier
+    from imgpipe.models import build_model, spec_for
+    from imgpipe.serve import classify
+
+    project, home = workspace
+    process_dataset(project / "data" / "raw", project / "data" / "processed", num_workers=1)
+    model = project / "models" / "model.pt"
+    model.parent.mkdir()
+    spec = spec_for(load_processed(project / "data" / "processed"), "convnet")
+    checkpoint.save_model(model, build_model(spec), spec)
+    subprocess.run(
+        ["chown", "-R", f"{caller.pw_uid}:{caller.pw_gid}", str(project)], check=UID == 0
+    )
+    image = sorted((project / "data" / "raw" / "test").rglob("*.png"))[0].read_bytes()
+    here = classify(Classifier.load(model), image, "PNG", "upload", 3)
+
+    port = free_port()
+    cmd, env = caller_command(
+        caller,
+        ["make", "--no-print-directory", "serve", "MODEL=models/model.pt"],
+        home,
+        RUNTIME="docker",
+        SERVE_PORT=str(port),
+    )
+    log = open(home / "serve.log", "w")  # noqa: SIM115 - closed below, after the process
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT)
+    listed = [DOCKER, "ps", "-aq", "--filter", "ancestor=imgpipe:cpu"]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None, (home / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (home / "serve.log").read_text()[-3000:]
+            time.sleep(0.3)
+        (container,) = subprocess.run(listed, capture_output=True, text=True).stdout.split()
+        published = subprocess.run([DOCKER, "port", container], capture_output=True, text=True)
+        assert published.stdout.strip() == f"{port}/tcp -> 127.0.0.1:{port}", published.stdout
+        answer = httpx.post(
+            f"{url}/predict", content=image, headers={"Content-Type": "image/png"}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        served = answer.json()
+        assert served["prediction"] == here["prediction"]
+        assert [c["class"] for c in served["top_k"]] == [c["class"] for c in here["top_k"]]
+        for got, want in zip(served["top_k"], here["top_k"], strict=True):
+            assert got["probability"] == pytest.approx(want["probability"], rel=1e-5)
+        assert served["model"]["uri"] == "models/model.pt"
+
+        if how == "docker-stop":
+            subprocess.run([DOCKER, "stop", container], capture_output=True, check=True, timeout=60)
+        else:
+            proc.send_signal(signal.SIGTERM)  # make alone
+        proc.wait(60)
+        deadline = time.monotonic() + 30  # --rm removes the container as it exits
+        while subprocess.run(listed, capture_output=True, text=True).stdout.split():
+            assert time.monotonic() < deadline, "the server's container is still there"
+            time.sleep(0.5)
+        output = (home / "serve.log").read_text()
+        assert "Traceback" not in output, output[-3000:]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        stop(proc)
+        for left in subprocess.run(listed, capture_output=True, text=True).stdout.split():
+            subprocess.run([DOCKER, "rm", "-f", left], capture_output=True, check=False)
+        log.close()

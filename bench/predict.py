@@ -1,0 +1,355 @@
+"""Predictions: the predict stage against a bare loop and a one-image-at-a-time loop, the
+server's latency and throughput, and what tracking costs a fresh `make train`. Writes the
+"Predictions" section of RESULTS.md.
+
+    python -m bench predict            # 4000 RGB PNGs 64x64, 3 rounds, 10-epoch trainings
+    python -m bench predict --smoke    # 256 PNGs 32x32, 1 round, 1 epoch: every row, no section
+
+Rows:
+- images/s of ``imgpipe predict`` (the command `make predict` runs, interpreter start-up and
+  the written outputs included) and of the stage's own work (``predict.predict_folder``, in
+  this process) against ``bare_loop``: the same files, model (the seed CNN, model.pt) and
+  batch, decoded with Pillow and classified in one process, nothing written (target >=
+  0.85x); and against ``one_at_a_time``: decode one file, one forward pass (target >= 10x);
+- `make serve` (``imgpipe serve``, the sample digits' seed CNN): seconds from the process's
+  start to /ready 200; one client on a kept-alive connection, p50/p99 of /predict; 8
+  clients (threads, each its own connection), requests/s of /predict and of /health (the
+  no-op endpoint) on the same server;
+- a fresh `make train` on the sample (no MLflow store yet: it is created during the run)
+  and a second one (the store exists): the tracking seconds the run counts on its training
+  thread (its `done in` line) against its wall time (target <= 10%), and whether the run
+  ended FINISHED with its model logged.
+Stage and baselines alternate in each round; each keeps its best round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.models import write_photos
+from bench.sections import BENCH, Row, write_section
+from imgpipe.testing import VENV, copy_project, free_port, make, stop
+
+TOPIC = "predict"
+TITLE = "Predictions"
+BATCH = 256  # conf/predict.yaml's predict_batch_size
+DONE = re.compile(r"done in ([\d.]+)s \(tracking: ([\d.]+)s on the training thread")
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def save_untrained(processed: Path, path: Path) -> Path:
+    """The seed CNN for ``processed`` saved as model.pt (speed does not depend on weights)."""
+    from imgpipe.checkpoint import save_model
+    from imgpipe.data import load_processed
+    from imgpipe.models import build_model, spec_for
+
+    torch.manual_seed(0)
+    spec = spec_for(load_processed(processed), "convnet")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_model(path, build_model(spec), spec)
+
+
+# --------------------------------------------------------------------------- batch predictions
+
+
+def _forward(network: torch.nn.Module, rows: np.ndarray, scale, shift) -> torch.Tensor:
+    x = torch.from_numpy(rows).permute(0, 3, 1, 2).float().mul_(scale).sub_(shift)
+    return network(x).argmax(1)
+
+
+def bare_loop(paths: list[str], model: Path, batch: int) -> float:
+    """Images/s: Pillow decode of each batch, then one forward pass, in this process."""
+    from imgpipe.engine import normalisation
+    from imgpipe.models import load_model_file
+
+    network, spec = load_model_file(model)
+    network.eval()
+    scale, shift = normalisation(spec.mean, spec.std)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(paths), batch):
+            rows = []
+            for path in paths[start : start + batch]:
+                with Image.open(path) as im:
+                    rows.append(
+                        np.asarray(im.convert(spec.image_mode)).reshape(*spec.input_size, -1)
+                    )
+            _forward(network, np.stack(rows), scale, shift)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def one_at_a_time(paths: list[str], model: Path) -> float:
+    """Images/s of the upstream's way: one file decoded, one forward pass, then the next."""
+    return bare_loop(paths, model, 1)
+
+
+def stage_in_process(paths_dir: Path, model: Path, out: Path) -> float:
+    """Images/s of ``predict_folder`` (the stage's work: listing, decoding on every core,
+    batches, the written outputs), model loaded before the clock starts."""
+    from imgpipe.inference import Classifier
+    from imgpipe.predict import predict_folder
+
+    classifier = Classifier.load(model)
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    result = predict_folder(classifier, paths_dir, out, batch_size=BATCH)
+    return result.predicted / (time.perf_counter() - started)
+
+
+def stage_command(paths_dir: Path, model: Path, out: Path, count: int, cwd: Path) -> float:
+    """Images/s of ``imgpipe predict`` as `make predict` runs it (process start to exit)."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        str(VENV / "bin" / "imgpipe"),
+        "predict",
+        f"predict_input={paths_dir}",
+        f"predict_model={model}",
+        f"predict_output_dir={out}",
+        f"log_dir={cwd / 'logs'}",
+    ]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"imgpipe predict failed: {proc.stderr[-2000:]}")
+    return count / seconds
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def serve_numbers(model: Path, image: bytes, cwd: Path, requests: int) -> dict[str, float]:
+    """Start `imgpipe serve`, time it to /ready, then one client and 8 clients."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(VENV / "bin" / "imgpipe"), "serve", f"serve_model={model}", f"serve_port={port}"]
+    started = time.perf_counter()
+    with open(cwd / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ready_s = _wait_ready(url, proc, started, cwd / "serve.log")
+        headers = {"Content-Type": "image/png"}
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(20):  # warm-up: the thread pool, the first forward passes
+                client.post("/predict", content=image, headers=headers).raise_for_status()
+            latencies = []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                client.post("/predict", content=image, headers=headers).raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+        q = statistics.quantiles(latencies, n=100)
+        return {
+            "ready_s": ready_s,
+            "p50_ms": statistics.median(latencies) * 1000,
+            "p99_ms": q[98] * 1000,
+            "predict_rps": _clients(url, "/predict", image, headers, 8, requests // 4),
+            "health_rps": _clients(url, "/health", None, {}, 8, requests // 4),
+        }
+    finally:
+        stop(proc)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, started: float, log: Path) -> float:
+    import httpx
+
+    while True:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.perf_counter() - started > 120:
+            raise RuntimeError(f"imgpipe serve did not get ready: {log.read_text()[-2000:]}")
+        time.sleep(0.02)
+
+
+def _clients(url: str, path: str, body: bytes | None, headers: dict, n: int, each: int) -> float:
+    """Requests/s of ``n`` threads, each on its own kept-alive connection."""
+    import httpx
+
+    failures: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for _ in range(each):
+                r = c.post(path, content=body, headers=headers) if body else c.get(path)
+                if r.status_code != 200:
+                    failures.append(r.text)
+
+    threads = [threading.Thread(target=client) for _ in range(n)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(f"{path}: {len(failures)} failed requests: {failures[0]}")
+    return n * each / seconds
+
+
+# --------------------------------------------------------------------------- tracking's share
+
+
+def train_runs(project: Path, epochs: int) -> dict[str, dict[str, float | bool]]:
+    """`make train` with no store yet, then again: each run's wall time, the tracking
+    seconds its `done in` line counts, and whether MLflow holds a FINISHED run with the
+    model logged (its digests param, recorded right after the model)."""
+    from mlflow import MlflowClient
+
+    out: dict[str, dict[str, float | bool]] = {}
+    shutil.rmtree(project / "mlruns", ignore_errors=True)
+    for name in ("fresh", "existing"):
+        started = time.perf_counter()
+        proc = make("train", project, f"ARGS=epochs={epochs}")
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"make train failed: {(proc.stdout + proc.stderr)[-2000:]}")
+        found = DONE.search(proc.stdout + proc.stderr)
+        assert found, (proc.stdout + proc.stderr)[-2000:]
+        client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+        (run,) = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        out[name] = {
+            "make_s": wall,
+            "train_s": float(found.group(1)),
+            "tracking_s": float(found.group(2)),
+            "finished_with_model": run.info.status == "FINISHED"
+            and any(k.startswith("model_sha256.") for k in run.data.params),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- the section
+
+
+def status(value: float, target: float, above: bool = True) -> str:
+    return "met" if (value >= target if above else value <= target) else "not met"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round, no section")
+    parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md is")
+    args = parser.parse_args(argv)
+    count, size, rounds = (256, 32, 1) if args.smoke else (4000, 64, args.rounds)
+    epochs, requests = (1, 40) if args.smoke else (10, 400)
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="imgpipe-bench-predict-") as tmp:
+        work = Path(tmp)
+        processed = write_photos(work, count, size)
+        model = save_untrained(processed, work / "photos" / "model.pt")
+        folder = work / "raw" / "train"
+        paths = sorted(str(p) for p in folder.rglob("*.png"))
+        few = paths[: min(len(paths), 400)]  # the one-image loop is slow: a subset
+        for _ in range(rounds):
+            runs.setdefault("bare", []).append(bare_loop(paths, model, BATCH))
+            runs.setdefault("stage", []).append(stage_in_process(folder, model, work / "out"))
+            runs.setdefault("command", []).append(
+                stage_command(folder, model, work / "out", len(paths), work)
+            )
+            runs.setdefault("single", []).append(one_at_a_time(few, model))
+
+        project = copy_project(work / "project")
+        for target in ("data", "process-data"):
+            if (proc := make(target, project)).returncode != 0:
+                raise RuntimeError(f"make {target}: {(proc.stdout + proc.stderr)[-2000:]}")
+        digits = save_untrained(project / "data" / "processed", work / "digits" / "model.pt")
+        image = next((project / "data" / "raw" / "test").rglob("*.png")).read_bytes()
+        served = serve_numbers(digits, image, work, requests)
+        trained = train_runs(project, epochs)
+    load_after = os.getloadavg()[0]
+
+    best = {key: max(values) for key, values in runs.items()}
+    ratio_bare = best["command"] / best["bare"]
+    ratio_work = best["stage"] / best["bare"]
+    ratio_single = best["command"] / best["single"]
+    rows: list[Row] = [
+        (
+            f"imgpipe predict (make predict, start-up included) / bare loop "
+            f"({best['command']:.0f} / {best['bare']:.0f} images/s)",
+            f"{ratio_bare:.2f}x",
+            ">= 0.85x",
+            status(ratio_bare, 0.85),
+        ),
+        (
+            f"predict_folder (the stage's work, no start-up) / bare loop "
+            f"({best['stage']:.0f} / {best['bare']:.0f} images/s)",
+            f"{ratio_work:.2f}x",
+            ">= 0.85x",
+            status(ratio_work, 0.85),
+        ),
+        (
+            f"imgpipe predict / one image at a time ({best['command']:.0f} / "
+            f"{best['single']:.0f} images/s)",
+            f"{ratio_single:.1f}x",
+            ">= 10x",
+            status(ratio_single, 10),
+        ),
+        ("make serve: process start to /ready 200", f"{served['ready_s']:.2f} s", "", "measured"),
+        (
+            "make serve, 1 client, keep-alive: /predict p50 / p99",
+            f"{served['p50_ms']:.1f} / {served['p99_ms']:.1f} ms",
+            "",
+            "measured",
+        ),
+        (
+            "make serve, 8 clients: /predict / /health (no-op) requests/s "
+            f"({served['predict_rps']:.0f} / {served['health_rps']:.0f})",
+            f"{served['predict_rps'] / served['health_rps']:.2f}x",
+            "",
+            "measured",
+        ),
+    ]
+    for name, said in (("fresh", "new MLflow store"), ("existing", "existing store")):
+        t = trained[name]
+        share = float(t["tracking_s"]) / float(t["train_s"])
+        rows.append(
+            (
+                f"make train on the sample, {said}: tracking on the training thread "
+                f"({t['tracking_s']:.2f} s of {t['train_s']:.1f} s; make {t['make_s']:.1f} s; "
+                f"{'FINISHED, model logged' if t['finished_with_model'] else 'MODEL NOT LOGGED'})",
+                f"{share:.1%}",
+                "<= 10%",
+                status(share, 0.10, above=False) if t["finished_with_model"] else "not met",
+            )
+        )
+    for row in rows:
+        print(" | ".join(row))
+    intro = (
+        f"{len(paths)} RGB PNGs {size}x{size} (synthetic), the seed CNN as model.pt, batch "
+        f"{BATCH}, best of {rounds} alternated rounds; the one-image loop over {len(few)} of "
+        f"them. Serving: the sample digits' seed CNN (8x8 grey PNG uploads), {requests} "
+        f"requests for one client, 8 x {requests // 4} for eight. Trainings: the sample, "
+        f"{epochs} epochs. {os.cpu_count()} CPUs shared with other jobs, load average "
+        f"{load_before:.1f} before, {load_after:.1f} after: ratios hold better than "
+        "absolute numbers."
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / ("smoke.md" if args.smoke else "RESULTS.md")
+    write_section(
+        TOPIC, TITLE, intro, rows, {"runs": runs, "serve": served, "train": trained}, target
+    )
+    return 0
