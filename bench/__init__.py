@@ -33,5 +33,6 @@ SECTIONS: dict[str, str] = {
     "gpu": "everything a GPU changes (on a CUDA machine)",
     "models": "augmentation cost, and a timm epoch through the stage against a bare loop",
     "sweep": "sweeps: pruning against none, 1 against 2 journal workers",
+    "predict": "the predict stage and the server against bare loops; tracking's share of make train",
 }
 DEFAULT = "pipeline"
