@@ -225,10 +225,16 @@ def load_classifier(
 
     if not is_mlflow_uri(source):
         return Classifier.load(source, max_image_pixels), ModelSource(source)
-    from imgpipe.tracking.store import check_tracking_uri, hide_secret_urls, resolve_tracking_uri
+    from imgpipe.tracking.store import (
+        check_tracking_uri,
+        hide_secret_urls,
+        prepare_store,
+        resolve_tracking_uri,
+    )
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
+    prepare_store(uri)
     hide_secret_urls(uri)
     with tempfile.TemporaryDirectory(prefix="imgpipe-model-") as tmp:
         fetched = fetch_model(source, uri, tmp)

@@ -22,7 +22,7 @@ from imgpipe.redact import redact_url
 from imgpipe.tracking.cost import CostMeter
 from imgpipe.tracking.create import create_run_once, refusal
 from imgpipe.tracking.outbox import Batch, Outbox, missing_batches, send_failures
-from imgpipe.tracking.store import ensure_experiment, hide_secret_urls
+from imgpipe.tracking.store import ensure_experiment, hide_secret_urls, prepare_store
 from imgpipe.tracking.sync import sync_command
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class MlflowRun:
 
         spec = self.spec
         hide_secret_urls(spec.tracking_uri)
+        prepare_store(spec.tracking_uri)  # a new store: made here, off the training thread
         self._client = client = MlflowClient(spec.tracking_uri)
         try:
             experiment_id = ensure_experiment(spec.tracking_uri, spec.experiment_name)

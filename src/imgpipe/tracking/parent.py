@@ -14,6 +14,7 @@ from imgpipe.tracking.outbox import FIRST_DELAY_S, MAX_DELAY_S, failure_reason, 
 from imgpipe.tracking.store import (
     check_tracking_uri,
     ensure_experiment,
+    prepare_store,
     resolve_tracking_uri,
     run_tags,
 )
@@ -38,6 +39,7 @@ def open_parent_run(
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
+    prepare_store(uri)
     client = MlflowClient(uri)
     if existing:
         try:

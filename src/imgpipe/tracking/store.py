@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -57,7 +58,9 @@ def hide_secret_urls(tracking_uri: str) -> None:
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast on a store we cannot use, before any data is loaded or trained."""
+    """Fail fast on a store we cannot use, before any data is loaded or trained: a server
+    that does not answer or refuses the login, a SQLite store whose folder cannot be made.
+    A new SQLite store is created in the background (``prepare_store`` waits for it)."""
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         import requests
@@ -78,30 +81,72 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
         check_login(uri, timeout)
     elif scheme == "sqlite":
-        path = uri.split("sqlite:///", 1)[-1]
-        if path and path != ":memory:":
+        path = _sqlite_path(uri)
+        if path is not None:
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise PipelineError(
                     f"cannot create the MLflow store {path}: {exc.strerror}"
                 ) from None
-            create_sqlite_store_once(uri, Path(path))
+            if not _made(path):
+                _start_creating(uri)
+
+
+def prepare_store(uri: str) -> None:
+    """The store ready for use: a new SQLite store created and migrated (seconds: MLflow
+    runs every alembic migration), once even when several processes or threads open it at
+    the same time; nothing for a server or an existing store."""
+    path = _sqlite_path(uri)
+    if path is not None and not _made(path):
+        create_sqlite_store_once(uri, path)
 
 
 def create_sqlite_store_once(uri: str, path: Path) -> None:
     """Two processes that open a new SQLite store at once both run MLflow's migrations and
     one fails in alembic (seen with `dvc queue start -j 2` on a fresh project): the first
-    creates it under a lock file beside it, the others wait, then find it made."""
+    creates it under a lock file beside it, the others wait, then find it made. (flock
+    also keeps two threads of one process apart: each opens the lock file itself.) It is
+    made under another name and renamed into place, so a process that ends during the
+    migrations leaves no half-migrated store behind."""
     import fcntl
 
-    if path.exists() and path.stat().st_size > 0:
-        return
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if _made(path):
+            return
         from mlflow import MlflowClient
 
-        MlflowClient(uri).search_experiments(max_results=1)  # creates and migrates the store
+        making = path.with_name(f".{path.name}.{os.getpid()}.new")
+        making.unlink(missing_ok=True)
+        # search_experiments creates and migrates the store
+        MlflowClient(f"sqlite:///{making}").search_experiments(max_results=1)
+        os.replace(making, path)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.split("sqlite:///", 1)[-1]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _made(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def _start_creating(uri: str) -> None:
+    """Create a new store on a thread of its own, so the caller (training) loads its data
+    and builds its model meanwhile instead of waiting seconds for the migrations; whoever
+    uses the store first calls ``prepare_store``, which waits for this thread's lock."""
+
+    def create() -> None:
+        # Only a head start: an error here is raised again, with its one line, by the
+        # ``prepare_store`` call that every user of the store makes first.
+        with contextlib.suppress(Exception):
+            prepare_store(uri)
+
+    threading.Thread(target=create, name="mlflow-store", daemon=True).start()
 
 
 def check_login(uri: str, timeout: float = 5.0) -> None:
@@ -179,6 +224,7 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     import mlflow
     from mlflow import MlflowClient
 
+    prepare_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is not None:

@@ -56,7 +56,7 @@ def sync(checkpoint_dir: str | os.PathLike[str], tracking_uri: str | None = None
     """Log what the run lacks; return the one line that says what was done."""
     from imgpipe import checkpoint
     from imgpipe.tracking.outbox import missing_batches, send_failures
-    from imgpipe.tracking.store import check_tracking_uri, hide_secret_urls
+    from imgpipe.tracking.store import check_tracking_uri, hide_secret_urls, prepare_store
 
     folder = Path(checkpoint_dir)
     found = checkpoint.load_latest(folder)
@@ -67,6 +67,7 @@ def sync(checkpoint_dir: str | os.PathLike[str], tracking_uri: str | None = None
         raise PipelineError(f"{path}: the checkpoint names no MLflow run (setup_mlflow=false?)")
     uri = tracking_uri_for(state.config, tracking_uri)
     check_tracking_uri(uri)
+    prepare_store(uri)
     hide_secret_urls(uri)
     shown = redact_url(uri)
     try:
