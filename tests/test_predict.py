@@ -203,6 +203,84 @@ def test_the_mlflow_model_classifies_files_and_a_changed_file_is_refused(
     assert "champion" not in (client.get_registered_model("digits-cnn").aliases or {})
 
 
+def _served_store(trained, root: Path) -> tuple[str, str]:
+    """A copy of the trained run's store (SQLite + artifacts) for a server of its own, with
+    the run's model registered as ``digits-faults`` and made champion; (backend, artifacts)."""
+    from mlflow import MlflowClient
+
+    from imgpipe.tracking import registry
+
+    shutil.copytree(trained["root"] / "store", root / "store")
+    backend = f"sqlite:///{root / 'store' / 'mlflow.db'}"
+    client = MlflowClient(backend)
+    version = registry.register(client, "digits-faults", trained["run_id"])
+    client.set_registered_model_alias("digits-faults", "champion", version.number)
+    return backend, str(root / "store" / "artifacts")
+
+
+def _refused_with_one_line(result, server_url: str, password: str) -> str:
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    (line,) = error_lines(result.stderr)
+    assert server_url.removeprefix("http://") in line, line
+    assert password not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return line
+
+
+@pytest.mark.parametrize("fault", ["server-killed", "server-failing"])
+def test_a_tracking_server_down_or_failing_is_one_line_and_no_output(
+    trained, sample_raw: Path, tmp_path: Path, fault: str
+) -> None:
+    """predict and serve given the champion while its tracking server is gone (killed:
+    connection refused) or failing (its store broken under it: HTTP 5xx): one line naming
+    the server without the password, exit 2, the earlier predictions/ untouched, and the
+    server never ready. `make serve` with no MODEL (the champion by default) is no
+    exception: it does not fall back to another model."""
+    from imgpipe.testing import free_port, mlflow_server
+
+    backend, artifacts = _served_store(trained, tmp_path)
+    out = tmp_path / "predictions"
+    out.mkdir()
+    (out / "predictions.csv").write_text("path,prediction\nearlier.png,7\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    password = "never-shown-pw"
+    champion = "models:/digits-faults@champion"
+    params = tmp_path / "params.yaml"
+    params.write_text("mlflow_registered_model_name: digits-faults\n")
+    port = free_port()
+    with mlflow_server(tmp_path / "server", store=backend, artifacts=Path(artifacts)) as server:
+        env = {
+            "MLFLOW_TRACKING_URI": server.url.replace("http://", f"http://alice:{password}@"),
+            # One try: MLflow's client would otherwise retry a 5xx with backoff for minutes.
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        }
+        if fault == "server-failing":
+            db = tmp_path / "store" / "mlflow.db"
+            db.write_bytes(b"\0" * db.stat().st_size)  # the server's store breaks under it
+            results = [
+                predict(tmp_path, sample_raw / "test", champion, out, **env),
+                imgpipe("serve", f"serve_model={champion}", f"serve_port={port}",
+                        f"log_dir={tmp_path / 'logs'}", cwd=tmp_path, env=env, timeout=120),
+                imgpipe("serve", f"serve_port={port}", f"log_dir={tmp_path / 'logs'}",
+                        cwd=tmp_path, env=env | {"IMGPIPE_PARAMS_FILE": str(params)}, timeout=120),
+            ]  # fmt: skip
+    if fault == "server-killed":  # the server is stopped now: connection refused
+        results = [
+            predict(tmp_path, sample_raw / "test", champion, out, **env),
+            imgpipe("serve", f"serve_model={champion}", f"serve_port={port}",
+                    f"log_dir={tmp_path / 'logs'}", cwd=tmp_path, env=env, timeout=120),
+            imgpipe("serve", f"serve_port={port}", f"log_dir={tmp_path / 'logs'}",
+                    cwd=tmp_path, env=env | {"IMGPIPE_PARAMS_FILE": str(params)}, timeout=120),
+        ]  # fmt: skip
+    lines = [_refused_with_one_line(r, server.url, password) for r in results]
+    if fault == "server-killed":
+        assert all("unreachable" in line for line in lines), lines
+    else:
+        assert all("digits-faults" in line for line in lines), lines
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not any("serving" in r.stderr for r in results[1:])
+
+
 def test_the_stage_is_declared_after_train() -> None:
     import yaml
 

@@ -260,6 +260,9 @@ def run_serve(cfg: Any) -> None:
 
 
 def _default_model(train: Any) -> str:
+    """The champion of the registered name when the store has one, else models/model.pt.
+    Only "no such model or alias" falls back: a tracking server that is down or refuses
+    is one line, never a silent switch to another model."""
     fallback = str(Path(train.model_checkpoint_dir_path) / "model.pt")
     name = train.mlflow_registered_model_name
     if not name:
@@ -267,13 +270,25 @@ def _default_model(train: Any) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from imgpipe.tracking.store import resolve_tracking_uri
+    from imgpipe.tracking.store import (
+        check_tracking_uri,
+        hide_secret_urls,
+        prepare_store,
+        registry_errors,
+        resolve_tracking_uri,
+    )
 
-    try:
-        MlflowClient(resolve_tracking_uri(train.mlflow_tracking_uri)).get_model_version_by_alias(
-            name, "champion"
-        )
-    except MlflowException:
-        log.info("model %r has no champion: serving %s", name, fallback)
-        return fallback
-    return f"models:/{name}@champion"
+    uri = resolve_tracking_uri(train.mlflow_tracking_uri)
+    check_tracking_uri(uri)
+    prepare_store(uri)
+    hide_secret_urls(uri)
+    champion = f"models:/{name}@champion"
+    with registry_errors(uri, champion):
+        try:
+            MlflowClient(uri).get_model_version_by_alias(name, "champion")
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            log.info("model %r has no champion: serving %s", name, fallback)
+            return fallback
+    return champion
