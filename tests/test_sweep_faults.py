@@ -1,13 +1,11 @@
-"""Sweeps and their database: PostgreSQL restarting or stalling under a running sweep (a
-test-owned TCP proxy on 127.0.0.1 in front of the machine's PostgreSQL), and workers that
-tell each other apart across PID namespaces."""
+"""Sweeps and their database: PostgreSQL restarting or stalling under a running sweep (a TCP
+proxy on 127.0.0.1 in front of the machine's PostgreSQL, imgpipe.testing.FaultProxy), and
+workers that tell each other apart across PID namespaces."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import selectors
 import shutil
 import socket
 import subprocess
@@ -20,84 +18,12 @@ from pathlib import Path
 import pytest
 
 from helpers import IN_CI
-from imgpipe.testing import REPO
+from imgpipe.testing import REPO, FaultProxy
 
 pytestmark = pytest.mark.slow
 
 POSTGRES = ("127.0.0.1", 5432)
 POSTGRES_URL = "postgresql://postgres@{host}:{port}/test"
-
-
-class FaultyProxy:
-    """A TCP relay to PostgreSQL that the test can break: ``drop()`` closes every connection
-    and refuses new ones until ``restore()`` (a restart), ``stall()`` stops relaying bytes
-    in both directions, held connections and new ones alike, until ``restore()``."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.mode = "pass"
-        self.pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.mode == "down":
-                client.close()
-                continue
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.pairs.append((client, upstream))
-            threading.Thread(target=self._relay, args=(client, upstream), daemon=True).start()
-
-    def _relay(self, a: socket.socket, b: socket.socket) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(a, selectors.EVENT_READ, b)
-        sel.register(b, selectors.EVENT_READ, a)
-        try:
-            while not self.closed:
-                if self.mode == "stall":
-                    time.sleep(0.05)
-                    continue
-                for key, _ in sel.select(timeout=0.1):
-                    if self.mode == "stall":
-                        break
-                    data = key.fileobj.recv(65536)
-                    if not data:
-                        return
-                    key.data.sendall(data)
-        except OSError:
-            return
-        finally:
-            a.close()
-            b.close()
-
-    def drop(self) -> None:
-        self.mode = "down"
-        with self.lock:
-            pairs, self.pairs = self.pairs, []
-        for a, b in pairs:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def stall(self) -> None:
-        self.mode = "stall"
-
-    def restore(self) -> None:
-        self.mode = "pass"
-
-    def close(self) -> None:
-        self.closed = True
-        self.drop()
-        self.listener.close()
 
 
 def postgres_or_skip() -> None:
@@ -109,13 +35,45 @@ def postgres_or_skip() -> None:
         pytest.skip(f"no PostgreSQL on {POSTGRES}")
 
 
+def test_the_fault_proxy_shows_a_client_a_restart_and_a_stall_as_the_database_would() -> None:
+    """What the sweep's database client meets below: its connection cut and a new one
+    refused while PostgreSQL restarts, then one that works; a query held while it stalls,
+    answered once it forwards again."""
+    import psycopg
+
+    postgres_or_skip()
+    with FaultProxy(POSTGRES[1]) as proxy:
+        url = POSTGRES_URL.format(host="127.0.0.1", port=proxy.port)
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            proxy.drop(2.0)
+            with pytest.raises(psycopg.OperationalError, match="closed the connection"):
+                conn.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError, match="closed the connection"):
+            psycopg.connect(url, connect_timeout=5)
+        time.sleep(2.0)
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as conn:
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+            proxy.stall()
+            answered: list[tuple] = []
+            query = threading.Thread(
+                target=lambda: answered.append(conn.execute("SELECT 3").fetchone())
+            )
+            query.start()
+            query.join(1.0)
+            assert answered == []  # held
+            proxy.forward()
+            query.join(10)
+            assert answered == [(3,)]
+
+
 def test_a_database_restart_and_a_30s_stall_mid_sweep_lose_no_trial(
     sample_processed: Path, tmp_path: Path
 ) -> None:
     import optuna
 
     postgres_or_skip()
-    proxy = FaultyProxy(POSTGRES)
+    proxy = FaultProxy(POSTGRES[1])
     url = POSTGRES_URL.format(host="127.0.0.1", port=proxy.port)
     direct = POSTGRES_URL.format(host=POSTGRES[0], port=POSTGRES[1])
     study_name = f"faults-{uuid.uuid4().hex[:10]}"
@@ -151,12 +109,12 @@ def test_a_database_restart_and_a_30s_stall_mid_sweep_lose_no_trial(
             time.sleep(0.2)
         proxy.drop()  # a restart: every connection cut, new ones refused for 2 s
         time.sleep(2)
-        proxy.restore()
+        proxy.forward()
         while sum("epoch" in line for line in lines) < 6 and proc.poll() is None:
             time.sleep(0.2)
         proxy.stall()  # stops answering for 30 s: longer than the grace period
         time.sleep(30)
-        proxy.restore()
+        proxy.forward()
         proc.wait(timeout=400)
         reader.join(5)
         output = "".join(lines)

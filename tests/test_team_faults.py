@@ -1,149 +1,24 @@
-"""The team server's own failures, against real servers on 127.0.0.1: a test-owned TCP proxy
-between the client and `mlflow server` loses answers after the server acted (the client's
+"""The team server's own failures, against real servers on 127.0.0.1: a TCP proxy
+(imgpipe.testing.FaultProxy) between the client and `mlflow server` loses answers after the
+server acted (the client's
 retry must not make a second run or a second metric point), and the DVC remote missing an
 object under a directory entry it already holds (the next push repairs it)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from helpers import error_lines, tree_digest
-from imgpipe.testing import mlflow_server, train_config
+from imgpipe.testing import FaultProxy, mlflow_server, train_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
-
-
-class LosingProxy:
-    """A loopback HTTP proxy in front of ``target_port``. ``lose[marker] = n``: the next n
-    requests whose first line holds ``marker`` reach the server, and the connection is closed
-    before its answer reaches the client (the server acted; the client never hears)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.lose: dict[bytes, int] = {}
-        self.lost: list[bytes] = []
-        self.before: dict[bytes, Callable[[], None]] = {}  # marker -> run once, then forward
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            while (request := _read_http(client)) is not None:
-                first = request.split(b"\r\n", 1)[0]
-                for marker in [m for m in self.before if m in first]:
-                    self.before.pop(marker)()
-                with socket.create_connection(self.target) as upstream:
-                    upstream.sendall(request)
-                    reply = _read_http(upstream) or b""
-                marker = next((m for m, n in self.lose.items() if n and m in first), None)
-                if marker is not None:
-                    self.lose[marker] -= 1
-                    self.lost.append(first)
-                    return
-                client.sendall(reply)
-        except OSError:
-            pass
-        finally:
-            client.close()
-
-
-def _read_http(sock: socket.socket) -> bytes | None:
-    """One HTTP message (headers and a Content-Length body); None when the peer closed."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-class TcpOutage:
-    """A loopback TCP proxy in front of a server (PostgreSQL, an object store);
-    ``restart(down_s)`` is what its clients see of a restart: every open connection drops,
-    new ones are refused until ``down_s`` seconds have passed."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.down_until = 0.0
-        self.restarts = 0
-        self.open: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def restart(self, down_s: float) -> None:
-        self.down_until = time.monotonic() + down_s
-        self.restarts += 1
-        for conn in self.open:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        self.open.clear()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            if time.monotonic() < self.down_until:
-                client.close()
-                continue
-            upstream = socket.create_connection(self.target)
-            self.open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        for conn in (src, dst):
-            with contextlib.suppress(OSError):
-                conn.close()
 
 
 @pytest.fixture
@@ -163,16 +38,14 @@ def test_answers_lost_after_the_server_acted_leave_one_run_with_each_metric_once
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # retry at once
-    proxy = LosingProxy(int(server.url.rsplit(":", 1)[1]))
-    proxy.lose = {b"/runs/create": 1, b"/runs/log-batch": 1}
-    try:
+    with FaultProxy(int(server.url.rsplit(":", 1)[1])) as proxy:
+        proxy.lose_answers(b"/runs/create")
+        proxy.lose_answers(b"/runs/log-batch")
         cfg = train_config(
             sample_processed, tmp_path / "run", epochs=2, mlflow_tracking_uri=proxy.url,
             mlflow_exp_name="lost-answers",
         )  # fmt: skip
         result = train(cfg)
-    finally:
-        proxy.close()
     assert len(proxy.lost) == 2, proxy.lost  # both answers were really lost
 
     client = MlflowClient(server.url)
@@ -294,21 +167,20 @@ def test_the_tracking_database_restarting_at_the_runs_start_leaves_one_run(
     name = f"imgpipe_restart_{secrets.token_hex(4)}"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    database = TcpOutage(5432)
+    database = FaultProxy(5432)
     store = f"postgresql://postgres@127.0.0.1:{database.port}/{name}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     try:
         with mlflow_server(tmp_path / "server", store=store) as srv:
-            proxy = LosingProxy(int(srv.url.rsplit(":", 1)[1]))
-            proxy.before[b"/runs/create"] = lambda: database.restart(3.0)
-            cfg = train_config(
-                sample_processed, tmp_path / "run", epochs=2, mlflow_tracking_uri=proxy.url,
-                mlflow_exp_name="db-restart",
-            )  # fmt: skip
-            result = train(cfg)
-            proxy.close()
-            assert database.restarts == 1
+            with FaultProxy(int(srv.url.rsplit(":", 1)[1])) as proxy:
+                proxy.on_request(b"/runs/create", lambda: database.drop(3.0))
+                cfg = train_config(
+                    sample_processed, tmp_path / "run", epochs=2, mlflow_tracking_uri=proxy.url,
+                    mlflow_exp_name="db-restart",
+                )  # fmt: skip
+                result = train(cfg)
+            assert database.drops == 1
             client = MlflowClient(srv.url)
             experiment = client.get_experiment_by_name("db-restart")
             runs = client.search_runs([experiment.experiment_id])
@@ -360,46 +232,49 @@ def test_the_object_store_down_while_the_model_uploads_moves_no_alias(
             for line in (tmp_path / ".stack" / "env").read_text().splitlines()
             if line.startswith("export ")
         )
-        s3 = TcpOutage(int(shell["IMGPIPE_DVC_ENDPOINT_URL"].rsplit(":", 1)[1]))
-        bucket = shell["IMGPIPE_DVC_REMOTE_URL"].split("/")[2]
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-            monkeypatch.setenv(key, shell[key])
-        monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{s3.port}")
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-        monkeypatch.chdir(tmp_path)
-        store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-        (tmp_path / "store").mkdir()
-        client = MlflowClient(store)
-        client.create_experiment("s3-down", artifact_location=f"s3://{bucket}/s3-down")
-        values = {"epochs": 2, "mlflow_tracking_uri": store, "mlflow_exp_name": "s3-down",
-                  "mlflow_registered_model_name": "cnn", "mlflow_outage_wait_s": 2}  # fmt: skip
-        first = train(train_config(sample_processed, tmp_path / "first", **values))
-        promote = [sys.executable, "-m", "imgpipe", "promote", "--name", "cnn",
-                   "--tracking-uri", store]  # fmt: skip
-        client.set_registered_model_alias("cnn", "champion", "1")
+        endpoint = int(shell["IMGPIPE_DVC_ENDPOINT_URL"].rsplit(":", 1)[1])
+        with FaultProxy(endpoint) as s3:
+            bucket = shell["IMGPIPE_DVC_REMOTE_URL"].split("/")[2]
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+                monkeypatch.setenv(key, shell[key])
+            monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{s3.port}")
+            monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+            monkeypatch.chdir(tmp_path)
+            store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+            (tmp_path / "store").mkdir()
+            client = MlflowClient(store)
+            client.create_experiment("s3-down", artifact_location=f"s3://{bucket}/s3-down")
+            values = {"epochs": 2, "mlflow_tracking_uri": store, "mlflow_exp_name": "s3-down",
+                      "mlflow_registered_model_name": "cnn", "mlflow_outage_wait_s": 2}  # fmt: skip
+            first = train(train_config(sample_processed, tmp_path / "first", **values))
+            promote = [sys.executable, "-m", "imgpipe", "promote", "--name", "cnn",
+                       "--tracking-uri", store]  # fmt: skip
+            client.set_registered_model_alias("cnn", "champion", "1")
 
-        caplog.set_level(logging.WARNING)
+            caplog.set_level(logging.WARNING)
 
-        def store_down_at_the_end(epoch: int, *_: object) -> None:
-            if epoch == 2:
-                s3.restart(3600)
+            def store_down_at_the_end(epoch: int, *_: object) -> None:
+                if epoch == 2:
+                    s3.drop()  # until the test ends
 
-        second = train(
-            train_config(sample_processed, tmp_path / "second", **values),
-            on_epoch=store_down_at_the_end,
-        )
-        assert s3.restarts == 1
-        incomplete = [r.getMessage() for r in caplog.records if "is incomplete" in r.getMessage()]
-        assert len(incomplete) == 1 and "the model unlogged" in incomplete[0], incomplete
-        assert client.get_registered_model("cnn").aliases == {"champion": 1}
-        versions = client.search_model_versions("name = 'cnn'")
-        assert [v.run_id for v in versions] == [first.run_id]
-        refused = subprocess.run([*promote, "--run", second.run_id], capture_output=True,
-                                 text=True, timeout=300)  # fmt: skip
-        assert refused.returncode == 2, refused.stdout + refused.stderr
-        (line,) = error_lines(refused.stderr)
-        assert second.run_id in line, line
-        assert client.get_registered_model("cnn").aliases == {"champion": 1}
+            second = train(
+                train_config(sample_processed, tmp_path / "second", **values),
+                on_epoch=store_down_at_the_end,
+            )
+            assert s3.drops == 1
+            incomplete = [
+                r.getMessage() for r in caplog.records if "is incomplete" in r.getMessage()
+            ]
+            assert len(incomplete) == 1 and "the model unlogged" in incomplete[0], incomplete
+            assert client.get_registered_model("cnn").aliases == {"champion": 1}
+            versions = client.search_model_versions("name = 'cnn'")
+            assert [v.run_id for v in versions] == [first.run_id]
+            refused = subprocess.run([*promote, "--run", second.run_id], capture_output=True,
+                                     text=True, timeout=300)  # fmt: skip
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            (line,) = error_lines(refused.stderr)
+            assert second.run_id in line, line
+            assert client.get_registered_model("cnn").aliases == {"champion": 1}
     finally:
         subprocess.run([*stack, "down"], cwd=tmp_path, env=stack_env, capture_output=True,
                        timeout=120)  # fmt: skip

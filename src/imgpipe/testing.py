@@ -1,12 +1,15 @@
 """The harness the tests and the bench share, as ``click.testing`` is click's.
 
-    from imgpipe.testing import copy_project, make, mlflow_server, run_script, train_config
+    from imgpipe.testing import FaultProxy, copy_project, make, mlflow_server, run_script
+    from imgpipe.testing import train_config
 
     with mlflow_server(tmp / "server") as server:       # a real `mlflow server` on loopback
         run_script("train_model.py", f"mlflow_tracking_uri={server.url}", cwd=tmp)
     project = copy_project(tmp / "project")             # the checkout as a fresh git repo
     make("data", project)                               # make/dvc there with this venv
     cfg = train_config(data, tmp / "run", epochs=2)     # every output under tmp/run
+    with FaultProxy(5432) as db:                        # PostgreSQL, as a test breaks it
+        db.drop(3.0)                                    # ... restarting
 
 It drives the project from its source checkout (``REPO``, the editable install's root)
 and the virtual environment running it (``VENV``); nothing in the pipeline imports it.
@@ -15,14 +18,17 @@ and the virtual environment running it (``VENV``); nothing in the pipeline impor
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import selectors
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +186,166 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# --------------------------------------------------------------------------- a server failing
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server on 127.0.0.1:``target_port``
+    (PostgreSQL, `mlflow server`, an object store) that a test breaks and mends while its
+    clients use it; each mode applies at once, to open connections too:
+
+        forward()                  relay both ways (the start)
+        drop(seconds=None)         what a restart looks like: every open connection is cut
+                                   and new ones are refused, until forward() or ``seconds``
+        stall()                    hold every byte both ways, on open and new connections
+        lose_answers(marker, n=1)  HTTP: the next n requests whose first line holds
+                                   ``marker`` reach the server, and their connection is
+                                   closed before the answer reaches the client
+        on_request(marker, action) HTTP: ``action()`` runs once, just before the first
+                                   such request is forwarded
+
+    Clients connect to ``port`` (``url`` for HTTP). ``close()``, or the end of its ``with``
+    block, closes every socket and stops its threads.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # accept() notices close() within 0.1 s
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.drops = 0  # how many times drop() was called
+        self.lost: list[bytes] = []  # the first lines of the requests whose answers were lost
+        self._mode = "forward"
+        self._down_until = math.inf
+        self._lose: dict[bytes, int] = {}
+        self._before: dict[bytes, Callable[[], None]] = {}
+        self._lock = threading.Lock()
+        self._pairs: set[tuple[socket.socket, socket.socket]] = set()
+        self._relays: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def __enter__(self) -> FaultProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def forward(self) -> None:
+        self._mode = "forward"
+
+    def drop(self, seconds: float | None = None) -> None:
+        with self._lock:
+            self._mode = "drop"
+            self._down_until = math.inf if seconds is None else time.monotonic() + seconds
+            self.drops += 1
+            pairs = list(self._pairs)
+        for pair in pairs:
+            _shut(*pair)
+
+    def stall(self) -> None:
+        self._mode = "stall"
+
+    def lose_answers(self, marker: bytes, n: int = 1) -> None:
+        with self._lock:
+            self._lose[marker] = self._lose.get(marker, 0) + n
+
+    def on_request(self, marker: bytes, action: Callable[[], None]) -> None:
+        with self._lock:
+            self._before[marker] = action
+
+    def close(self) -> None:
+        self._closed.set()
+        self._acceptor.join(timeout=5)  # no new pair after this
+        with self._lock:
+            pairs, relays = list(self._pairs), list(self._relays)
+        for pair in pairs:
+            _shut(*pair)
+        for relay in relays:
+            relay.join(timeout=5)
+        self._listener.close()
+
+    def mode(self) -> str:
+        if self._mode == "drop" and time.monotonic() >= self._down_until:
+            self._mode = "forward"
+        return self._mode
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            if self.mode() == "drop":
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()  # the server itself is down: the client sees that
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._pairs.add((client, upstream))
+                relay = threading.Thread(target=self._relay, args=(client, upstream), daemon=True)
+                self._relays = [t for t in self._relays if t.is_alive()] + [relay]
+            relay.start()
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(client, selectors.EVENT_READ, upstream)
+        sel.register(upstream, selectors.EVENT_READ, client)
+        request_starts = True  # the client's next bytes begin an HTTP request
+        losing = False  # the request sent is one whose answer is lost
+        try:
+            while not self._closed.is_set():
+                if self.mode() == "stall":
+                    time.sleep(0.05)  # the bytes wait in the kernel's buffers
+                    continue
+                for key, _ in sel.select(timeout=0.1):
+                    if self.mode() == "stall":
+                        break
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    if key.fileobj is client and request_starts:
+                        losing = self._request(data.split(b"\r\n", 1)[0])
+                    elif key.fileobj is upstream and losing:
+                        return  # the server acted and answered; the client never hears it
+                    request_starts = key.fileobj is upstream
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            sel.close()
+            with self._lock:
+                self._pairs.discard((client, upstream))
+            _shut(client, upstream)
+            client.close()
+            upstream.close()
+
+    def _request(self, first_line: bytes) -> bool:
+        """Run the actions waiting for this request; whether its answer is to be lost."""
+        with self._lock:
+            actions = [self._before.pop(m) for m in list(self._before) if m in first_line]
+            marker = next((m for m, n in self._lose.items() if n and m in first_line), None)
+            if marker is not None:
+                self._lose[marker] -= 1
+                self.lost.append(first_line)
+        for action in actions:
+            action()
+        return marker is not None
+
+
+def _shut(*socks: socket.socket) -> None:
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 # --------------------------------------------------------------------------- project copy
