@@ -1,18 +1,27 @@
 """Sweeps: what pruning saves to reach the same accuracy, and what a second worker buys.
 Writes the "Sweeps" section of RESULTS.md (bench/sections.py).
 
-    python -m bench sweep               # sample digits, 16 trials x 6 epochs, 2 rounds
+    python -m bench sweep               # photos, timm test_efficientnet, 20 trials x 8 epochs
     python -m bench sweep --smoke       # 4 trials x 2 epochs, 1 round: every row, no section
 
-Rows, each sweep a fresh `python -u src/train_model.py --multirun` in its own folder, on the
-same data and the same seeded search space (a learning rate over four decades, log-uniform,
-and the batch size: wide enough that trials differ; the spread of the unpruned trials'
-final val accuracy is reported so that can be checked), runs of both kinds alternated:
-- without pruning and with `sweep_pruner=median`: total epochs trained, wall time, and wall
-  time until the best val accuracy so far (complete trials) is within max(0.5 point, 2
-  standard errors of a val accuracy) of the unpruned sweep's final best; the pruned
-  sweep's epochs and time to that target over the unpruned sweep's (target: <= 0.6x each);
-- 2 workers against 1 on one journal-file study (`hydra.sweeper.n_jobs`): wall time.
+The setting is the one the issue is about: trials whose epochs dominate their cost. Photo-like
+RGB JPEGs (bench/photos.py: digits over tinted, noisy backgrounds) processed to 32x32, a timm
+model (``test_efficientnet``: about 1 s an epoch on 2 cores, against about 0.1 s of fixed cost
+a trial once the worker has started), AdamW, and a learning rate over four decades of which
+only a minority trains well in 8 epochs (the spread of the unpruned trials' final val accuracy
+is reported so that can be checked). Each round has its own sampler seed (55, 56, ...) and runs
+the sweep without pruning and with ``sweep_pruner=median`` (the project's defaults: 3 complete
+trials first, 1 warm-up epoch) one after the other, each a fresh
+``python -u src/train_model.py --multirun`` in its own folder, on the same data. Rows:
+- total epochs trained, wall time, CPU time, and the wall time (from the first trial's
+  start) and epochs (of every trial ended by then) until a complete trial's val accuracy is
+  within max(0.5 point, 2 standard errors of a val accuracy) of the same round's unpruned
+  final best; the ratios pruned / unpruned are per round, and the rows give their median
+  (target: <= 0.6x in time and in epochs). On a shared machine wall time follows the load;
+  epochs do not (a seeded sweep with one worker trains the same trials every time), and
+  epochs are what a trial costs here;
+- 2 workers against 1 on one journal-file study (``hydra.sweeper.n_jobs``): the first round's
+  unpruned sweep is the 1-worker run, and the 2-worker run follows it with the same seed.
 MLflow is off in these runs (the same for all): what is measured is the sweep. OpenMP
 threads wait passively (OMP_WAIT_POLICY=PASSIVE) in every run: see bench/ddp.py.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -31,18 +41,31 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.photos import generate_photos
 from bench.sections import write_section
 from imgpipe.cpus import available_cpus
-from imgpipe.data import export_sample_digits, process_dataset
+from imgpipe.data import process_dataset
 from imgpipe.testing import REPO
 
 TOPIC = "sweep"
 TITLE = "Sweeps: pruning and workers"
-SPACE = ["lr=tag(log,interval(0.0003,3.0))", "train_bs=choice(32,64)"]
+MODEL = "test_efficientnet"
+SPACE = ["lr=tag(log,interval(0.0001,1.0))", "train_bs=choice(32,64)"]
+FIXED = [f"model={MODEL}", "optimizer=adamw", "scheduler=none"]
+PRUNE = ["sweep_pruner=median"]  # the project's defaults for its settings
+SEED = 55
+
+
+def make_data(work: Path, images: int) -> Path:
+    """``images`` photo-like JPEGs (96x72) processed to 32x32 RGB, 15 % of train as val."""
+    generate_photos(work / "raw", images, (96, 72), available_cpus())
+    out = work / "processed"
+    process_dataset(work / "raw", out, val_fraction=0.15, image_size=(32, 32), image_mode="RGB")
+    return out
 
 
 def run_sweep(work: Path, data: Path, name: str, trials: int, epochs: int, *extra: str):
-    """One sweep in ``work/name``; its study (a journal file) and its wall time."""
+    """One sweep in ``work/name``: its trials (read before the folder goes) and times."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -57,12 +80,14 @@ def run_sweep(work: Path, data: Path, name: str, trials: int, epochs: int, *extr
         f"hydra.sweeper.n_trials={trials}",
         "setup_mlflow=false",
         f"log_dir={root / 'logs'}",
+        *FIXED,
         *SPACE,
         *extra,
     ]
     # Threads that wait sleep instead of spinning: on a shared machine a spinning OpenMP
     # team loses most of its time slices (bench/ddp.py), the same for every sweep here.
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cpu_before = _children_cpu_s()
     started = time.perf_counter()
     done = subprocess.run(
         [sys.executable, "-u", str(REPO / "src" / "train_model.py"), *args],
@@ -73,110 +98,157 @@ def run_sweep(work: Path, data: Path, name: str, trials: int, epochs: int, *extr
         check=False,
     )
     wall = time.perf_counter() - started
+    cpu = _children_cpu_s() - cpu_before
     if done.returncode != 0:
         raise SystemExit(f"error: sweep {name} failed: {done.stderr.strip().splitlines()[-1:]}")
     storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
-    return Sweep(list(study.trials)), wall  # read now: the folder goes away
+    print(f"{name}: {wall:.1f} s, {cpu:.1f} CPU s", file=sys.stderr, flush=True)
+    return Sweep(list(study.trials), wall, cpu)
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's ended children: a sweep and its
+    workers. A busy machine stretches wall time; it stretches CPU time far less."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 class Sweep:
-    """What one sweep's trials say (frozen trials, read before their folder is removed)."""
+    """One sweep's frozen trials, its wall time and its processes' CPU seconds."""
 
-    def __init__(self, trials: list) -> None:
-        self.trials = trials
+    def __init__(self, trials: list, wall: float, cpu: float) -> None:
+        self.trials, self.wall, self.cpu = trials, wall, cpu
+
+    @property
+    def epochs(self) -> int:
+        return sum(int(t.user_attrs.get("epochs_trained") or 0) for t in self.trials)
+
+    @property
+    def pruned(self) -> int:
+        return sum(t.state.name == "PRUNED" for t in self.trials)
+
+    def accuracies(self) -> list[float]:
+        """The final val accuracy of every complete trial."""
+        return [t.values[1] for t in self.trials if t.state.name == "COMPLETE"]
+
+    def target(self, n_val: int) -> float:
+        """The final best less max(0.5 point, 2 standard errors of a val accuracy)."""
+        best = max(self.accuracies())
+        se = math.sqrt(best * (1 - best) / n_val) if n_val else 0.0
+        return best - max(0.005, 2 * se)
+
+    def reached(self, target: float) -> tuple[float, int]:
+        """Seconds from the first trial's start until a complete trial reaches ``target``,
+        and the epochs of every trial ended by then (inf and all epochs if never)."""
+        start = min(t.datetime_start for t in self.trials if t.datetime_start)
+        ended = sorted((t for t in self.trials if t.datetime_complete), key=_end)
+        epochs = 0
+        for t in ended:
+            epochs += int(t.user_attrs.get("epochs_trained") or 0)
+            if t.state.name == "COMPLETE" and t.values[1] >= target:
+                return (t.datetime_complete - start).total_seconds(), epochs
+        return math.inf, epochs
+
+    def record(self) -> dict:
+        """What bench/results/sweep.json keeps of it, trial by trial."""
+        start = min(t.datetime_start for t in self.trials if t.datetime_start)
+        trials = [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "params": t.params,
+                "epochs_trained": t.user_attrs.get("epochs_trained"),
+                "val_accuracy": t.values[1] if t.values else None,
+                "ended_s": round((t.datetime_complete - start).total_seconds(), 2),
+            }
+            for t in sorted(self.trials, key=_end)
+        ]
+        return {"wall_s": self.wall, "cpu_s": self.cpu, "trials": trials}
 
 
-def epochs_trained(study: Sweep) -> int:
-    return sum(int(t.user_attrs.get("epochs_trained") or 0) for t in study.trials)
-
-
-def final_accuracies(study: Sweep) -> list[float]:
-    return [t.values[1] for t in study.trials if t.state.name == "COMPLETE"]
-
-
-def seconds_to(study: Sweep, target: float) -> float:
-    """From the sweep's first trial start until a complete trial reaches ``target``."""
-    start = min(t.datetime_start for t in study.trials if t.datetime_start)
-    done = sorted(
-        (t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.datetime_complete
-    )
-    for t in done:
-        if t.values[1] >= target:
-            return (t.datetime_complete - start).total_seconds()
-    return math.inf
+def _end(trial):
+    return trial.datetime_complete
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=2, help="alternated runs of each")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--images", type=int, default=1200)
+    parser.add_argument("--rounds", type=int, default=2, help="seeds, each arm once per seed")
     parser.add_argument("--smoke", action="store_true", help="4 x 2 epochs, 1 round, no section")
     args = parser.parse_args(argv)
     trials, epochs, rounds = (4, 2, 1) if args.smoke else (args.trials, args.epochs, args.rounds)
-    prune = ["sweep_pruner=median", "sweep_pruner_startup_trials=3"]
-    prune.append("sweep_pruner_warmup_epochs=1")
+    images = 240 if args.smoke else args.images
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-sweep-") as tmp:
         work = Path(tmp)
-        export_sample_digits(work / "raw")
-        data = work / "processed"
-        process_dataset(work / "raw", data)
+        data = make_data(work, images)
         n_val = len(np.load(data / "val_labels.npy"))
-        plain, pruned = [], []
+        n_train = len(np.load(data / "train_labels.npy"))
+        plain: list[Sweep] = []
+        pruned: list[Sweep] = []
         for i in range(rounds):  # alternated: a shared machine drifts between runs
-            plain.append(run_sweep(work, data, f"plain-{i}", trials, epochs))
-            pruned.append(run_sweep(work, data, f"pruned-{i}", trials, epochs, *prune))
-        one = run_sweep(work, data, "workers-1", trials, epochs, "hydra.sweeper.n_jobs=1")
-        two = run_sweep(work, data, "workers-2", trials, epochs, "hydra.sweeper.n_jobs=2")
+            seed = f"hydra.sweeper.sampler.seed={SEED + i}"
+            plain.append(run_sweep(work, data, f"plain-{i}", trials, epochs, seed))
+            pruned.append(run_sweep(work, data, f"pruned-{i}", trials, epochs, seed, *PRUNE))
+            if i == 0:  # the 1-worker run is this round's unpruned sweep, just before
+                two = run_sweep(
+                    work, data, "workers-2", trials, epochs, seed, "hydra.sweeper.n_jobs=2"
+                )
+    one = plain[0]
 
-    best = max(max(final_accuracies(s)) for s, _ in plain)
-    se = math.sqrt(best * (1 - best) / n_val) if n_val else 0.0
-    target = best - max(0.005, 2 * se)
-    spread = statistics.pstdev([a for s, _ in plain for a in final_accuracies(s)])
-    ep_plain = statistics.median(epochs_trained(s) for s, _ in plain)
-    ep_pruned = statistics.median(epochs_trained(s) for s, _ in pruned)
-    wall_plain = statistics.median(w for _, w in plain)
-    wall_pruned = statistics.median(w for _, w in pruned)
-    to_plain = statistics.median(seconds_to(s, target) for s, _ in plain)
-    to_pruned = statistics.median(seconds_to(s, target) for s, _ in pruned)
-    pruned_count = statistics.median(
-        sum(t.state.name == "PRUNED" for t in s.trials) for s, _ in pruned
-    )
+    med = statistics.median
+    targets = [p.target(n_val) for p in plain]
+    at_plain = [p.reached(t) for p, t in zip(plain, targets, strict=True)]
+    at_pruned = [p.reached(t) for p, t in zip(pruned, targets, strict=True)]
+    accs = [a for p in plain for a in p.accuracies()]
+    good = sum(a >= max(accs) - 0.05 for a in accs)
+
+    def ratio(values: list[float], of: list[float]) -> float:
+        return med(v / o for v, o in zip(values, of, strict=True))
+
+    ep = ratio([p.epochs for p in pruned], [p.epochs for p in plain])
+    to_s = ratio([s for s, _ in at_pruned], [s for s, _ in at_plain])
+    to_ep = ratio([e for _, e in at_pruned], [e for _, e in at_plain])
     rows = [
-        ("spread of final val accuracy (unpruned trials, SD)", f"{100 * spread:.1f} pt", "", ""),
-        ("target: best val accuracy within", f"{100 * (best - target):.1f} pt", "", ""),
-        ("epochs trained, no pruning", f"{ep_plain:.0f}", "", "measured"),
-        ("epochs trained, median pruning", f"{ep_pruned:.0f} ({pruned_count:.0f} pruned)", "", ""),
-        ("epochs, pruned / unpruned", f"{ep_pruned / ep_plain:.2f}x", "<= 0.6x", _ok(ep_pruned / ep_plain, 0.6)),
-        ("wall time, no pruning", f"{wall_plain:.1f} s", "", "measured"),
-        ("wall time, median pruning", f"{wall_pruned:.1f} s", "", "measured"),
-        ("time to target, no pruning", f"{to_plain:.1f} s", "", "measured"),
-        ("time to target, median pruning", f"{to_pruned:.1f} s", "", "measured"),
-        ("time to target, pruned / unpruned", f"{to_pruned / to_plain:.2f}x", "<= 0.6x", _ok(to_pruned / to_plain, 0.6)),
-        ("journal storage, 1 worker", f"{one[1]:.1f} s", "", "measured"),
-        ("journal storage, 2 workers", f"{two[1]:.1f} s", "", "measured"),
-        ("2 workers / 1 worker wall time", f"{two[1] / one[1]:.2f}x", "", "measured"),
+        ("final val accuracy of unpruned trials: min / median / max", f"{100 * min(accs):.0f} / {100 * med(accs):.0f} / {100 * max(accs):.0f} %", "", ""),
+        ("spread of final val accuracy (unpruned trials, SD)", f"{100 * statistics.pstdev(accs):.1f} pt", "", ""),
+        ("unpruned trials within 5 pt of their sweep's best", f"{good} of {len(accs)}", "", ""),
+        ("target: best val accuracy within", f"{100 * med(max(p.accuracies()) - t for p, t in zip(plain, targets, strict=True)):.1f} pt", "", ""),
+        ("epochs trained, no pruning", f"{med(p.epochs for p in plain):.0f}", "", "measured"),
+        ("epochs trained, median pruning", f"{med(p.epochs for p in pruned):.0f} ({med(p.pruned for p in pruned):.0f} trials pruned)", "", "measured"),
+        ("epochs, pruned / unpruned", f"{ep:.2f}x", "<= 0.6x", _ok(ep, 0.6)),
+        ("wall time, no pruning / median pruning", f"{med(p.wall for p in plain):.0f} / {med(p.wall for p in pruned):.0f} s", "", "measured"),
+        ("wall time, pruned / unpruned", f"{ratio([p.wall for p in pruned], [p.wall for p in plain]):.2f}x", "", "measured"),
+        ("CPU time, pruned / unpruned", f"{ratio([p.cpu for p in pruned], [p.cpu for p in plain]):.2f}x", "", "measured"),
+        ("epochs to target, no pruning / median pruning", f"{med(e for _, e in at_plain):.0f} / {med(e for _, e in at_pruned):.0f}", "", "measured"),
+        ("epochs to target, pruned / unpruned", f"{to_ep:.2f}x", "<= 0.6x", _ok(to_ep, 0.6)),
+        ("time to target, no pruning / median pruning", f"{med(s for s, _ in at_plain):.0f} / {med(s for s, _ in at_pruned):.0f} s", "", "measured"),
+        ("time to target, pruned / unpruned", f"{to_s:.2f}x", "<= 0.6x", _ok(to_s, 0.6)),
+        ("journal storage, 1 worker / 2 workers", f"{one.wall:.0f} / {two.wall:.0f} s", "", "measured"),
+        ("2 workers / 1 worker wall time", f"{two.wall / one.wall:.2f}x", "", "measured"),
     ]  # fmt: skip
     for row in rows:
         print(" | ".join(row))
     if not args.smoke:
         load = os.getloadavg()[0]
         intro = (
-            f"Sample digits ({n_val} val images), {trials} trials x {epochs} epochs, space "
-            f"{' '.join(SPACE)}, TPE seed 55, {available_cpus()} CPUs, median of {rounds} "
-            f"alternated rounds, load average {load:.1f} at the end, MLflow off, "
-            "OMP_WAIT_POLICY=PASSIVE."
+            f"Photo-like JPEGs at 32x32 RGB ({n_train} train, {n_val} val images), timm "
+            f"{MODEL}, AdamW, {trials} trials x {epochs} epochs, space {' '.join(SPACE)}, "
+            f"TPE seeds {', '.join(str(SEED + i) for i in range(rounds))} (one round each, "
+            f"arms alternated; ratios per round, median), {' '.join(PRUNE)} with its default "
+            f"settings, {available_cpus()} CPUs, load average {load_before:.1f} at the start "
+            f"and {load:.1f} at the end, MLflow off, OMP_WAIT_POLICY=PASSIVE."
         )
         data_out = {
-            "plain_wall_s": [w for _, w in plain],
-            "pruned_wall_s": [w for _, w in pruned],
-            "plain_epochs": [epochs_trained(s) for s, _ in plain],
-            "pruned_epochs": [epochs_trained(s) for s, _ in pruned],
-            "target": target,
-            "workers_wall_s": {"1": one[1], "2": two[1]},
-            "load_average": load,
+            "targets": targets,
+            "plain": [p.record() for p in plain],
+            "pruned": [p.record() for p in pruned],
+            "workers_2": two.record(),
+            "load_average": [load_before, load],
         }
         write_section(TOPIC, TITLE, intro, rows, data_out)
     return 0
