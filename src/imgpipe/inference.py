@@ -140,7 +140,8 @@ class Classifier:
                     f"({', '.join(dict.fromkeys(IMAGE_FORMATS.values()))})"
                 )
         pixels = decode_image_data(data, fmt, name, self.target)
-        return np.frombuffer(pixels, np.uint8).reshape(self.row_shape)
+        # A writable copy: torch.from_numpy warns about read-only arrays (bytes' buffer).
+        return np.frombuffer(bytearray(pixels), np.uint8).reshape(self.row_shape)
 
     # ------------------------------------------------------------------ rows -> classes
 
