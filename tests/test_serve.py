@@ -8,6 +8,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,40 +30,45 @@ def png(pixels: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def server(sample_processed: Path, sample_raw: Path, tmp_path_factory: pytest.TempPathFactory):
+def start_server(model: Path, root: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """`imgpipe serve` of ``model`` on ``port``, its log in ``root``; (process, URL) once
+    /ready answers 200."""
     import httpx
 
+    log = open(root / "server.log", "a")  # noqa: SIM115 - the child holds it; closed here
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "imgpipe", "serve", f"serve_model={model}",
+            f"serve_port={port}", f"serve_max_bytes={MAX_BYTES}", f"log_dir={root / 'logs'}",
+        ],
+        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+    )  # fmt: skip
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "server never answered /ready"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(sample_processed: Path, sample_raw: Path, tmp_path_factory: pytest.TempPathFactory):
     from imgpipe.train import train
 
     root = tmp_path_factory.mktemp("serve")
     cfg = train_config(sample_processed, root, epochs=1, setup_mlflow=False)
     train(cfg)
-    port = free_port()
-    log = open(root / "server.log", "w")  # noqa: SIM115 - open while the server lives
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "imgpipe", "serve",
-            f"serve_model={Path(cfg.model_checkpoint_dir_path) / 'model.pt'}",
-            f"serve_port={port}", f"serve_max_bytes={MAX_BYTES}", f"log_dir={root / 'logs'}",
-        ],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, "server never answered /health"
-        time.sleep(0.2)
-    yield {"url": url, "raw": sample_raw, "log": root / "server.log"}
+    model = Path(cfg.model_checkpoint_dir_path) / "model.pt"
+    proc, url = start_server(model, root, free_port())
+    yield {"url": url, "raw": sample_raw, "log": root / "server.log", "model": model}
     proc.terminate()
     proc.wait(30)
-    log.close()
     assert "Traceback" not in (root / "server.log").read_text()
 
 
@@ -165,3 +171,55 @@ def test_eight_clients_at_once_get_the_sequential_answers(server) -> None:
         for client in clients:
             client.close()
     assert all(answers == sequential for answers in together)
+
+
+def test_a_server_killed_under_load_fails_requests_and_a_restart_serves_again(
+    server, tmp_path: Path
+) -> None:
+    """SIGKILL while 4 clients keep asking: they get connection errors, never a wrong or
+    failed answer, and the same command started again serves the same answers."""
+    import httpx
+
+    image = sorted((server["raw"] / "test").rglob("*.png"))[0].read_bytes()
+    headers = {"Content-Type": "image/png"}
+    expected = httpx.post(f"{server['url']}/predict", content=image, headers=headers).json()
+    port = free_port()
+    proc, url = start_server(server["model"], tmp_path, port)
+    answers: list[tuple[int, str]] = []
+    errors: list[str] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not done.is_set():
+                try:
+                    r = client.post(f"{url}/predict", content=image, headers=headers)
+                except httpx.TransportError as exc:
+                    errors.append(type(exc).__name__)
+                    time.sleep(0.05)
+                    continue
+                answers.append((r.status_code, r.json().get("prediction", r.text)))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        while len(answers) < 40:
+            assert all(t.is_alive() for t in threads)
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(10)
+        while len(errors) < 8:  # every client notices
+            time.sleep(0.05)
+        before = len(answers)
+        proc, _ = start_server(server["model"], tmp_path, port)
+        while len(answers) < before + 40:
+            time.sleep(0.05)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+        proc.terminate()
+        proc.wait(30)
+    assert set(answers) == {(200, expected["prediction"])}
+    assert set(errors) <= {"ConnectError", "ReadError", "RemoteProtocolError", "WriteError"}
