@@ -248,6 +248,18 @@ def test_a_tracking_server_down_or_failing_is_one_line_and_no_output(
     params = tmp_path / "params.yaml"
     params.write_text("mlflow_registered_model_name: digits-faults\n")
     port = free_port()
+
+    def attempts(env: dict[str, str]) -> list:
+        """predict, serve of the champion, serve with no model (the champion by default)."""
+        logs = f"log_dir={tmp_path / 'logs'}"
+        serve = ("serve", f"serve_port={port}", logs)
+        return [
+            predict(tmp_path, sample_raw / "test", champion, out, **env),
+            imgpipe(*serve, f"serve_model={champion}", cwd=tmp_path, env=env, timeout=120),
+            imgpipe(*serve, cwd=tmp_path, env=env | {"IMGPIPE_PARAMS_FILE": str(params)},
+                    timeout=120),
+        ]  # fmt: skip
+
     with mlflow_server(tmp_path / "server", store=backend, artifacts=Path(artifacts)) as server:
         env = {
             "MLFLOW_TRACKING_URI": server.url.replace("http://", f"http://alice:{password}@"),
@@ -257,21 +269,9 @@ def test_a_tracking_server_down_or_failing_is_one_line_and_no_output(
         if fault == "server-failing":
             db = tmp_path / "store" / "mlflow.db"
             db.write_bytes(b"\0" * db.stat().st_size)  # the server's store breaks under it
-            results = [
-                predict(tmp_path, sample_raw / "test", champion, out, **env),
-                imgpipe("serve", f"serve_model={champion}", f"serve_port={port}",
-                        f"log_dir={tmp_path / 'logs'}", cwd=tmp_path, env=env, timeout=120),
-                imgpipe("serve", f"serve_port={port}", f"log_dir={tmp_path / 'logs'}",
-                        cwd=tmp_path, env=env | {"IMGPIPE_PARAMS_FILE": str(params)}, timeout=120),
-            ]  # fmt: skip
+            results = attempts(env)
     if fault == "server-killed":  # the server is stopped now: connection refused
-        results = [
-            predict(tmp_path, sample_raw / "test", champion, out, **env),
-            imgpipe("serve", f"serve_model={champion}", f"serve_port={port}",
-                    f"log_dir={tmp_path / 'logs'}", cwd=tmp_path, env=env, timeout=120),
-            imgpipe("serve", f"serve_port={port}", f"log_dir={tmp_path / 'logs'}",
-                    cwd=tmp_path, env=env | {"IMGPIPE_PARAMS_FILE": str(params)}, timeout=120),
-        ]  # fmt: skip
+        results = attempts(env)
     lines = [_refused_with_one_line(r, server.url, password) for r in results]
     if fault == "server-killed":
         assert all("unreachable" in line for line in lines), lines
