@@ -121,3 +121,24 @@ def test_models_bench_smoke_produces_every_row(tmp_path: Path) -> None:
     ):
         assert expected in measures, (expected, measures)
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
+
+
+@pytest.mark.slow
+def test_predict_bench_smoke_produces_every_row(tmp_path: Path) -> None:
+    result = run_bench("predict", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results" / "predict.json").read_text())["rows"]
+    measures = " ".join(row[0] for row in rows)
+    for expected in (
+        "imgpipe predict (make predict, start-up included) / bare loop",
+        "predict_folder (the stage's work, no start-up) / bare loop",
+        "imgpipe predict / one image at a time",
+        "make serve: process start to /ready 200",
+        "make serve, 1 client, keep-alive: /predict p50 / p99",
+        "make serve, 8 clients: /predict / /health (no-op) requests/s",
+        "make train on the sample, new MLflow store: tracking on the training thread",
+        "make train on the sample, existing store: tracking on the training thread",
+    ):
+        assert expected in measures, (expected, measures)
+    assert "MODEL NOT LOGGED" not in measures  # each run ended FINISHED with its model
+    assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
