@@ -208,11 +208,13 @@ push: ## Push the image to REGISTRY=host/namespace, tagged <version>-<variant> a
 
 # The test modules run side by side on TEST_WORKERS processes (pytest-xdist): much of the
 # suite waits on servers, subprocesses and timeouts rather than the CPU. A module stays on one
-# worker (its module fixtures are built once). TEST_WORKERS=0: one process. The slowest tests
-# are listed at the end.
+# worker (its module fixtures are built once). The modules go out in tests/conftest.py's
+# order, the longest first (--no-loadscope-reorder: xdist would put the modules with the
+# most tests first, and a long module of one test last, alone). TEST_WORKERS=0: one
+# process. The slowest tests are listed at the end.
 TEST_WORKERS ?= 2
 test: data ## Run the test suite (slow end-to-end tests included; TEST_WORKERS=2 side by side)
-	$(PY) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) --durations=25 $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) --durations=25 $(PYTEST_ARGS)
 
 bench: $(SETUP) ## Benchmark against baselines and hardware limits -> bench/RESULTS.md (BENCH_ARGS=...)
 	$(PY) -u -m bench $(BENCH_ARGS)

@@ -14,6 +14,26 @@ from helpers import IN_CI, answering_docker, write_dataset
 from imgpipe import testing
 from imgpipe.data import export_sample_digits, process_dataset
 
+# The modules that take longest under `make test`, longest first (a CI run's --durations
+# summed per module). With --dist loadfile each module runs whole on one worker and the
+# run ends when the busier worker does: handing the long modules out first lets the short
+# ones fill the gaps at the end (the Makefile turns off xdist's own order, most tests first,
+# which sent the one-test end-to-end modules out last). Modules not listed follow in
+# collection order.
+LONGEST_FIRST = (
+    "test_resume.py",
+    "test_containers.py",
+    "test_bench.py",
+    "test_team.py",
+    "test_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's
+    # own order (test_team's last test reads what the others recorded) is kept
+
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
