@@ -14,12 +14,12 @@ from helpers import IN_CI, answering_docker, write_dataset
 from imgpipe import testing
 from imgpipe.data import export_sample_digits, process_dataset
 
-# The modules that take longest under `make test`, longest first (a CI run's --durations
-# summed per module). With --dist loadfile each module runs whole on one worker and the
-# run ends when the busier worker does: handing the long modules out first lets the short
-# ones fill the gaps at the end (the Makefile turns off xdist's own order, most tests first,
-# which sent the one-test end-to-end modules out last). Modules not listed follow in
-# collection order.
+# The order the modules go out to the workers: with --dist loadfile each module runs whole
+# on one worker and the run ends when the busier worker does, so the long modules go first
+# and the quick ones fill the gaps at the end (the Makefile turns off xdist's own order,
+# most tests first, which sent the one-test end-to-end modules out last, alone). First the
+# longest measured (a CI run's --durations summed per module), longest first; then the
+# others by how many slow tests they hold, most first; modules of quick tests last.
 LONGEST_FIRST = (
     "test_resume.py",
     "test_containers.py",
@@ -30,9 +30,13 @@ LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.path.name] = slow.get(item.path.name, 0) + bool(item.get_closest_marker("slow"))
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's
-    # own order (test_team's last test reads what the others recorded) is kept
+    # Stable: a module keeps its own order (test_team's last test reads what the others
+    # recorded), and xdist sees each module in one piece.
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), -slow[item.path.name]))
 
 
 @pytest.fixture(autouse=True)
