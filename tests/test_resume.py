@@ -25,8 +25,6 @@ from imgpipe.errors import PipelineError
 from imgpipe.testing import REPO, dvc, make, project_env, run_outputs, train_config
 from imgpipe.train import METRIC_NAMES, train
 
-KILL_MOMENTS = 10
-
 
 @pytest.fixture
 def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
@@ -157,9 +155,45 @@ def test_resume_false_starts_a_new_run_even_with_a_checkpoint(cfg: TrainConfig) 
 # --------------------------------------------------------------------------- kill -9
 
 
-def start_training(
-    cfg: TrainConfig, experiment: str
-) -> tuple[subprocess.Popen, threading.Event, list[str]]:
+class Lines:
+    """A training's stderr lines as a thread reads them, each with the moment it arrived."""
+
+    def __init__(self) -> None:
+        self.arrived: list[tuple[float, str]] = []
+        self.closed = False
+        self._changed = threading.Condition()
+
+    def add(self, line: str | None) -> None:
+        with self._changed:
+            if line is None:
+                self.closed = True
+            else:
+                self.arrived.append((time.monotonic(), line))
+            self._changed.notify_all()
+
+    def at(self, text: str, timeout: float = 120) -> float:
+        """When the first line holding ``text`` arrived (time.monotonic()); waits for it."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [t for t, line in self.arrived if text in line]
+                if found:
+                    return found[0]
+                left = deadline - time.monotonic()
+                assert not self.closed and left > 0, f"no line with {text!r}: {self}"
+                self._changed.wait(left)
+
+    def wait_closed(self, timeout: float = 30) -> str:
+        """Every line, once the process closed its stderr."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.closed, timeout)
+        return str(self)
+
+    def __str__(self) -> str:
+        return "".join(line for _, line in self.arrived)
+
+
+def start_training(cfg: TrainConfig, experiment: str) -> tuple[subprocess.Popen, Lines]:
     args = [
         f"epochs={cfg.epochs}",
         f"train_bs={cfg.train_bs}",
@@ -180,26 +214,55 @@ def start_training(
         text=True,
         cwd=workdir,
     )
-    training = threading.Event()
-    lines: list[str] = []
+    lines = Lines()
 
     def read() -> None:
         for line in proc.stderr:
-            lines.append(line)
-            if "training on" in line:
-                training.set()
+            lines.add(line)
+        lines.add(None)
 
     threading.Thread(target=read, daemon=True).start()
-    return proc, training, lines
+    return proc, lines
 
 
-def run_to_end(cfg: TrainConfig, experiment: str) -> float:
-    """Run training; return seconds from the 'training on' line to exit."""
-    proc, training, lines = start_training(cfg, experiment)
-    assert training.wait(120), "".join(lines)
-    t0 = time.monotonic()
-    assert proc.wait(300) == 0, "".join(lines)
-    return time.monotonic() - t0
+TRAINING = "training on"
+
+
+def epoch_line(epoch: int, epochs: int) -> str:
+    return f"epoch {epoch}/{epochs}  train loss"  # logged once the epoch is done
+
+
+def run_to_end(cfg: TrainConfig, experiment: str) -> dict[int, float]:
+    """Run training; return how many seconds after its 'training on' line each of its
+    epochs' lines came, by epoch, and when it ended (key 0)."""
+    proc, lines = start_training(cfg, experiment)
+    start = lines.at(TRAINING)
+    assert proc.wait(300) == 0, str(lines)
+    timeline = {0: time.monotonic() - start}
+    lines.wait_closed()
+    for epoch in range(1, cfg.epochs + 1):
+        found = [at for at, line in lines.arrived if epoch_line(epoch, cfg.epochs) in line]
+        timeline |= {epoch: found[0] - start} if found else {}  # a resume skips done epochs
+    return timeline
+
+
+def kill_moments(straight: dict[int, float], epochs: int, draw: random.Random) -> list:
+    """(line, seconds after it, what the kill cuts into): one moment in each phase of the
+    straight run, drawn at random inside it, and one anywhere. Phases as short as a
+    checkpoint's write get a moment of their own, which draws over the whole run seldom
+    gave them."""
+    end = straight[0]
+    return [
+        (TRAINING, draw.uniform(0, straight[1]),
+         "the first epoch: the MLflow run being created, epoch 0's checkpoint"),
+        (epoch_line(1, epochs), draw.uniform(0, (straight[2] - straight[1]) / 10),
+         "right after epoch 1: its checkpoint being written and renamed over epoch 0's"),
+        (epoch_line(2, epochs), draw.uniform(0, straight[3] - straight[2]),
+         "the middle of a later epoch, two checkpoints on disk"),
+        (epoch_line(epochs, epochs), draw.uniform(0, end - straight[epochs]),
+         "after the last epoch: its checkpoint, model.pt, the MLflow model, the run's end"),
+        (TRAINING, draw.uniform(0, end), "any moment"),
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -217,23 +280,23 @@ def test_sigkill_at_any_moment_then_resume_ends_like_a_straight_run(
     )
     experiment = f"kill-{store}-{tmp_path.name}"
     straight = in_dir(base, tmp_path / "straight")
-    window = run_to_end(straight, experiment)
+    timeline = run_to_end(straight, experiment)
 
     seed = int(os.environ.get("IMGPIPE_KILL_SEED", random.randrange(2**31)))
     print(f"kill moments drawn with IMGPIPE_KILL_SEED={seed}")
-    moments = sorted(random.Random(seed).uniform(0, window) for _ in range(KILL_MOMENTS))
-    for i, moment in enumerate(moments):
+    for i, (line, delay, phase) in enumerate(
+        kill_moments(timeline, base.epochs, random.Random(seed))
+    ):
         killed = in_dir(base, tmp_path / f"kill-{i}")
-        proc, training, lines = start_training(killed, experiment)
-        assert training.wait(120), "".join(lines)
-        time.sleep(moment)
+        proc, lines = start_training(killed, experiment)
+        time.sleep(max(0.0, lines.at(line) + delay - time.monotonic()))
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
         run_to_end(replace(killed, resume=True), experiment)
         try:
             assert_same_run(killed, straight)
         except AssertionError:
-            print(f"kill #{i} at {moment:.2f}s after training started (seed {seed}) broke the run")
+            print(f"kill #{i}, {delay:.2f}s after {line!r} ({phase}; seed {seed}) broke the run")
             raise
 
 
