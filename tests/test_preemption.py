@@ -18,7 +18,7 @@ from imgpipe.config import TrainConfig
 from imgpipe.stop import launchers
 from imgpipe.testing import REPO, make, project_env, run_outputs
 from imgpipe.train import METRIC_NAMES
-from test_resume import assert_same_run, in_dir, run_to_end, start_training
+from test_resume import assert_same_run, epoch_line, in_dir, run_to_end, start_training
 from test_sweep import load_study, sweep_args
 
 
@@ -72,11 +72,11 @@ def test_only_launchers_that_pass_no_signal_on_are_watched() -> None:
 
 def stop_mid_epoch(cfg: TrainConfig, experiment: str, signum: int) -> None:
     """Start training, send ``signum`` once the first epoch is done: a clean stop."""
-    proc, _, lines = start_training(cfg, experiment)
-    wait_for(lines, f"epoch 1/{cfg.epochs}", proc)
+    proc, lines = start_training(cfg, experiment)
+    lines.at(epoch_line(1, cfg.epochs))
     proc.send_signal(signum)
-    assert proc.wait(60) == 128 + signum, "".join(lines)
-    (line,) = stop_lines("".join(lines))
+    assert proc.wait(60) == 128 + signum, str(lines)
+    (line,) = stop_lines(lines.wait_closed())
     name = signal.Signals(signum).name
     assert line.startswith(f"stopped by {name} after epoch ") and "resume=true" in line
     status = checkpointed_run_status(Path(cfg.model_checkpoint_dir_path), cfg.mlflow_tracking_uri)
