@@ -2,8 +2,8 @@
 server's latency and throughput, and what tracking costs a fresh `make train`. Writes the
 "Predictions" section of RESULTS.md.
 
-    python -m bench predict            # 4000 RGB PNGs 64x64, 3 rounds, 10-epoch trainings
-    python -m bench predict --smoke    # 256 PNGs 32x32, 1 round, 1 epoch: every row, no section
+    python -m bench predict            # 6000 grey 28x28 digit PNGs, 3 rounds, 10-epoch trainings
+    python -m bench predict --smoke    # 300 of them, 1 round, 1 epoch: every row, no section
 
 Rows:
 - images/s of ``imgpipe predict`` (the command `make predict` runs, interpreter start-up and
@@ -19,13 +19,19 @@ Rows:
   and a second one (the store exists): the tracking seconds the run counts on its training
   thread (its `done in` line) against its wall time (target <= 10%), and whether the run
   ended FINISHED with its model logged.
-Stage and baselines alternate in each round; each keeps its best round.
+Stage and baselines alternate in each round; each keeps its best round. Every process
+measured runs with OMP_WAIT_POLICY=PASSIVE (unless set otherwise).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# Before torch loads OpenMP, and inherited by every command measured here: on a shared
+# machine a spinning 2-thread team collapses (bench/NOTES.md, the DDP section).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
 import re
 import shutil
 import statistics
@@ -39,8 +45,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.models import write_photos
+from bench.dataset import generate
 from bench.sections import BENCH, Row, write_section
+from imgpipe.data import process_dataset
 from imgpipe.testing import VENV, copy_project, free_port, make, stop
 
 TOPIC = "predict"
@@ -253,15 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round, no section")
     parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md is")
     args = parser.parse_args(argv)
-    count, size, rounds = (256, 32, 1) if args.smoke else (4000, 64, args.rounds)
+    count, size, rounds = (300, 28, 1) if args.smoke else (6000, 28, args.rounds)
     epochs, requests = (1, 40) if args.smoke else (10, 400)
     load_before = os.getloadavg()[0]
     runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="imgpipe-bench-predict-") as tmp:
         work = Path(tmp)
-        processed = write_photos(work, count, size)
-        model = save_untrained(processed, work / "photos" / "model.pt")
-        folder = work / "raw" / "train"
+        generate(work / "raw", count, size, os.cpu_count() or 1)
+        process_dataset(work / "raw", work / "processed")
+        model = save_untrained(work / "processed", work / "digits28" / "model.pt")
+        folder = work / "raw" / "train"  # listed by train.csv beside it, labels included
         paths = sorted(str(p) for p in folder.rglob("*.png"))
         few = paths[: min(len(paths), 400)]  # the one-image loop is slow: a subset
         for _ in range(rounds):
@@ -339,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(" | ".join(row))
     intro = (
-        f"{len(paths)} RGB PNGs {size}x{size} (synthetic), the seed CNN as model.pt, batch "
+        f"{len(paths)} grey digit PNGs {size}x{size} (bench.dataset), the seed CNN as model.pt, "
+        f"batch "
         f"{BATCH}, best of {rounds} alternated rounds; the one-image loop over {len(few)} of "
         f"them. Serving: the sample digits' seed CNN (8x8 grey PNG uploads), {requests} "
         f"requests for one client, 8 x {requests // 4} for eight. Trainings: the sample, "
