@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -60,7 +59,8 @@ def hide_secret_urls(tracking_uri: str) -> None:
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     """Fail fast on a store we cannot use, before any data is loaded or trained: a server
     that does not answer or refuses the login, a SQLite store whose folder cannot be made.
-    A new SQLite store is created in the background (``prepare_store`` waits for it)."""
+    A new SQLite store is created by ``prepare_store``, which the run's starter thread
+    calls (off the training thread) and every other user of the store first."""
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         import requests
@@ -89,8 +89,6 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
                 raise PipelineError(
                     f"cannot create the MLflow store {path}: {exc.strerror}"
                 ) from None
-            if not _made(path):
-                _start_creating(uri)
 
 
 def prepare_store(uri: str) -> None:
@@ -133,20 +131,6 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def _made(path: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
-
-
-def _start_creating(uri: str) -> None:
-    """Create a new store on a thread of its own, so the caller (training) loads its data
-    and builds its model meanwhile instead of waiting seconds for the migrations; whoever
-    uses the store first calls ``prepare_store``, which waits for this thread's lock."""
-
-    def create() -> None:
-        # Only a head start: an error here is raised again, with its one line, by the
-        # ``prepare_store`` call that every user of the store makes first.
-        with contextlib.suppress(Exception):
-            prepare_store(uri)
-
-    threading.Thread(target=create, name="mlflow-store", daemon=True).start()
 
 
 def check_login(uri: str, timeout: float = 5.0) -> None:
