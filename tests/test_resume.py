@@ -152,6 +152,36 @@ def test_resume_false_starts_a_new_run_even_with_a_checkpoint(cfg: TrainConfig) 
     )
 
 
+def test_a_checkpoint_saved_before_its_run_id_was_known_resumes_into_that_run(
+    cfg: TrainConfig, tmp_path: Path
+) -> None:
+    """Epoch 0's checkpoint (and on a short epoch, later ones) is written while the MLflow
+    run is still being made, so a kill then leaves a checkpoint with the run's key and no
+    id: `imgpipe sync` and the resume find the run by its key; one run, every epoch once."""
+    from mlflow import MlflowClient
+
+    from imgpipe.tracking.sync import sync
+
+    first = train(replace(cfg, epochs=2))
+    models = Path(cfg.model_checkpoint_dir_path)
+    state, _ = checkpoint.load_latest(models)
+    client = MlflowClient(cfg.mlflow_tracking_uri)
+    assert client.get_run(first.run_id).data.tags["imgpipe.creation_key"] == state.run_key
+    state.run_id = None  # as a kill before the run's id was known leaves it
+    state.save(models, keep_previous=False)
+    client.update_run(first.run_id, status="RUNNING")
+
+    assert f"MLflow run {first.run_id} at " in sync(models)
+    resumed = replace(cfg, epochs=3, resume=True)
+    assert train(resumed).run_id == first.run_id
+    assert checkpoint.load(models / "checkpoint.pt")["mlflow_run_id"] == first.run_id
+    experiment = client.get_experiment_by_name(cfg.mlflow_exp_name)
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [first.run_id]
+    straight = in_dir(cfg, tmp_path / "straight", epochs=3, mlflow_exp_name="straight")
+    train(straight)
+    assert_same_run(resumed, straight)
+
+
 # --------------------------------------------------------------------------- kill -9
 
 

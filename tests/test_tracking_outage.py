@@ -97,16 +97,24 @@ def ready_models(url: str, run_id: str) -> int:
     return sum(str(m.status).endswith("READY") for m in found)
 
 
+RUN_OPEN = "MLflow run "  # the run starter's line once the run exists (training goes on meanwhile)
+
+
 class OnEpochLine(logging.Handler):
-    """Runs ``actions[n]`` on the training thread when training logs epoch n's line."""
+    """Runs ``actions[n]`` on the training thread when training logs epoch n's line, once
+    the MLflow run exists (an outage while it is made is another story: it fails training)."""
 
     def __init__(self, actions: dict[int, object]) -> None:
         super().__init__()
         self.actions = actions
+        self.run_open = threading.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(RUN_OPEN):
+            self.run_open.set()
         for epoch, action in self.actions.items():
             if record.getMessage().startswith(f"epoch {epoch}/"):
+                assert self.run_open.wait(120), "the MLflow run was never made"
                 action()
 
 
@@ -127,7 +135,9 @@ def test_server_restarted_mid_training_gets_every_epoch_once(
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.INFO)
     hook = OnEpochLine({1: server.kill, 2: server.start})
-    logging.getLogger("imgpipe.train").addHandler(hook)
+    loggers = [logging.getLogger(n) for n in ("imgpipe.train", "imgpipe.tracking.mlflow_run")]
+    for logger in loggers:
+        logger.addHandler(hook)
     try:
         cfg = train_config(
             sample_processed,
@@ -138,7 +148,8 @@ def test_server_restarted_mid_training_gets_every_epoch_once(
         )
         result = train(cfg)
     finally:
-        logging.getLogger("imgpipe.train").removeHandler(hook)
+        for logger in loggers:
+            logger.removeHandler(hook)
 
     assert result.test_accuracy > 0
     got = history(server.url, result.run_id)
@@ -182,10 +193,11 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     )
     lines: list[str] = []
 
-    def read() -> None:
+    def read() -> None:  # the server goes after epoch 1, once the run exists
         for line in proc.stdout:
             lines.append(line)
-            if "epoch 1/" in line:
+            seen = "".join(lines)
+            if "epoch 1/" in seen and RUN_OPEN in seen:
                 server.kill()
 
     reader = threading.Thread(target=read, daemon=True)

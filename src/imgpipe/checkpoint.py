@@ -77,6 +77,9 @@ class TrainingState:
     rng: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     run_id: str | None = None
+    # The MLflow run's creation key (tracking.create.CREATION_KEY_TAG), chosen before the
+    # run exists: a checkpoint saved before its run id was known finds the run by it.
+    run_key: str | None = None
     # With several processes: each rank's ``rng``, in rank order (``rng`` is rank 0's,
     # so a checkpoint of 1 process and older ones, which lack these, load the same way).
     rank_rngs: list[dict[str, Any]] = field(default_factory=list)
@@ -131,6 +134,7 @@ class TrainingState:
             "fingerprint": self.fingerprint,
             "config": self.config,
             "mlflow_run_id": self.run_id,
+            "mlflow_run_key": self.run_key,
             "rank_rngs": self.rank_rngs,
             "world_size": self.world_size,
         }
@@ -157,6 +161,7 @@ class TrainingState:
             rng=state["rng"],
             history=list(state["history"]),
             run_id=state["mlflow_run_id"],
+            run_key=state.get("mlflow_run_key"),  # older checkpoints lack it
             rank_rngs=list(state.get("rank_rngs") or []),
             world_size=int(state.get("world_size", 1)),
         )

@@ -25,6 +25,7 @@ from imgpipe.errors import PipelineError
 from imgpipe.metrics import TEST_METRIC_NAMES
 from imgpipe.models import ModelSpec, Trainable
 from imgpipe.parts import loggable_params
+from imgpipe.tracking.create import new_run_key
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def restore(
     if augmenter is not None and (saved := own_rng(state, group.rank).get(AUGMENT_RNG)) is not None:
         augmenter.set_state(saved)
     log.info("resuming after epoch %d from %s (MLflow run %s)", state.epoch, path, state.run_id)
+    # Older checkpoints lack the key; a run continued by its id tags the new one nowhere.
+    state.run_key = state.run_key or new_run_key()
     state.config = config
     if state.epoch < cfg.epochs:
         # Extended: test is measured again after the new last epoch. The history (and so
@@ -109,7 +112,8 @@ def fresh_state(
     cfg: TrainConfig,
     augmenter: Augmenter | None,
 ) -> TrainingState:
-    """Epoch 0: the initial weights, kept aside (copied) to be saved once the run exists."""
+    """Epoch 0: the initial weights, kept aside (copied) to be saved after the first
+    epoch, with the key of the MLflow run this training makes (its id may come later)."""
     state = TrainingState.capture(
         parts,
         generator,
@@ -121,6 +125,7 @@ def fresh_state(
         keep=True,
     )
     keep_augmenter(state, augmenter)
+    state.run_key = new_run_key()
     return state
 
 
@@ -136,7 +141,8 @@ def save_state(
     group: Group,
 ) -> None:
     """Checkpoint after ``epoch``: the state as it is now (every rank's RNG, the
-    augmenter's included), filed under the run by rank 0."""
+    augmenter's included), filed under the run by rank 0: its id when known (``run_id``,
+    else the one resumed), always its key."""
     steps_per_epoch = -(-train_count // cfg.train_bs)
     now = TrainingState.capture(
         parts,
@@ -147,7 +153,8 @@ def save_state(
         fingerprint=state.fingerprint,
         config=state.config,
     )
-    now.run_id = run_id
+    now.run_id = run_id or state.run_id
+    now.run_key = state.run_key
     keep_augmenter(now, augmenter)
     distributed.gather_rngs(now, group)
     if group.main:

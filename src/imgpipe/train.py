@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -175,16 +175,17 @@ def _train(
     first_epoch = state.epoch + 1
     log_start(device, data, first_epoch, cfg.epochs)
 
-    spec = run_spec(cfg, tracking_uri, device, data, model_spec, state.run_id, parent_run_id, tags)
+    spec = run_spec(cfg, tracking_uri, device, data, model_spec, state, parent_run_id, tags)
     # Rank 0 alone talks to the world: MLflow, dvclive, checkpoints, the model.
     tracker = (
         Tracker(cfg.live_dir_path, spec, images=cfg.live_images) if group.main else SilentTracker()
     )
-    with tracker:
+    with run_named(tracker), tracker:
         if resumed:
             tracker.replay(state.history)
-        # Epoch 0 (the initial state) is saved once the MLflow run exists, with its id,
-        # so a kill in the first epoch resumes into the same run.
+        # Epoch 0 (the initial state) is saved after the first epoch without waiting for
+        # the MLflow run: with its key, so a kill before the run's id is known resumes
+        # into the same run (found by its key).
         initial = None if resumed else state
         metrics = dict(state.history[-1]["metrics"]) if state.history else {}
         first_step_s = fit_s = epochs_s = 0.0
@@ -258,11 +259,12 @@ def run_spec(
     device: torch.device,
     data: ProcessedData,
     model: ModelSpec,
-    resume_run_id: str | None,
+    state: TrainingState,
     parent_run_id: str | None,
     tags: dict[str, str] | None,
 ) -> RunSpec | None:
-    """The MLflow run this training writes to; None when MLflow is off."""
+    """The MLflow run this training writes to (``state``'s run, or a new one with its
+    key); None when MLflow is off."""
     if tracking_uri is None:
         return None
     return RunSpec(
@@ -271,7 +273,8 @@ def run_spec(
         run_name=cfg.mlflow_run_name,
         tags=run_tags() | (tags or {}),
         parent_run_id=parent_run_id,
-        resume_run_id=resume_run_id,
+        resume_run_id=state.run_id,
+        run_key=state.run_key,
         metric_names=METRIC_NAMES + TEST_METRIC_NAMES,
         params=loggable_params(cfg, model) | {"device": str(device)},
         dicts={"metadata.json": data.describe()},
@@ -292,10 +295,10 @@ def on_first_epoch(
     resumed: bool,
     group: Group,
 ) -> None:
-    """The MLflow run exists by now: save epoch 0 with its id, or tag the resumed run."""
-    run_id = tracker.wait()
+    """Save epoch 0 (its run's id if known by now, always its key), tag the run. Nothing
+    here waits for MLflow: the tags are sent once the run is open."""
     if initial is not None:
-        initial.run_id = run_id
+        initial.run_id = tracker.run_id
         distributed.gather_rngs(initial, group)
         # A fresh run drops the old run's checkpoints only with its own first one.
         if group.main:
@@ -303,6 +306,18 @@ def on_first_epoch(
     tracker.set_tags({"world_size": str(group.world)})
     if resumed:
         tracker.set_tags({"resumed_at_epoch": str(first_epoch), "epochs_total": str(cfg.epochs)})
+
+
+@contextlib.contextmanager
+def run_named(tracker: Tracker | SilentTracker) -> Iterator[None]:
+    """An error that names the MLflow run (a divergence, a pruned trial) but was raised
+    before the run's id was known names it once the run has ended."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "run_id", "") is None:
+            exc.run_id = tracker.run_id
+        raise
 
 
 def log_start(device: torch.device, data: ProcessedData, first_epoch: int, epochs: int) -> None:

@@ -24,15 +24,48 @@ log = logging.getLogger(__name__)
 CREATION_KEY_TAG = "imgpipe.creation_key"
 
 
+def new_run_key() -> str:
+    """A creation key, chosen by the trainer before its run exists (kept in checkpoints)."""
+    return uuid.uuid4().hex
+
+
 def create_run_once(
-    client: Any, experiment_id: str, run_name: str | None, tags: Mapping[str, str]
+    client: Any,
+    experiment_id: str,
+    run_name: str | None,
+    tags: Mapping[str, str],
+    key: str | None = None,
 ) -> Any:
-    """``client.create_run`` with ghost runs from retried requests deleted; the run."""
-    key = uuid.uuid4().hex
+    """``client.create_run`` with ghost runs from retried requests deleted; the run.
+    ``key``: the creation key to tag it with (a new one when None)."""
+    key = key or new_run_key()
     run = client.create_run(experiment_id, run_name=run_name, tags={**tags, CREATION_KEY_TAG: key})
-    same = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{CREATION_KEY_TAG}` = '{key}'", max_results=50
+    _delete_ghosts(client, run, runs_with_key(client, [experiment_id], key))
+    return run
+
+
+def find_run_once(client: Any, experiment_ids: list[str], key: str) -> Any | None:
+    """The run created with ``key`` (the one with params, else the first made; its ghosts
+    deleted), or None."""
+    runs = runs_with_key(client, experiment_ids, key)
+    if not runs:
+        return None
+    first = min(
+        runs, key=lambda run: (not run.data.params, run.info.start_time or 0, run.info.run_id)
     )
+    _delete_ghosts(client, first, runs)
+    return first
+
+
+def runs_with_key(client: Any, experiment_ids: list[str], key: str) -> list[Any]:
+    return list(
+        client.search_runs(
+            experiment_ids, filter_string=f"tags.`{CREATION_KEY_TAG}` = '{key}'", max_results=50
+        )
+    )
+
+
+def _delete_ghosts(client: Any, run: Any, same: list[Any]) -> None:
     for ghost in same:
         if ghost.info.run_id != run.info.run_id:
             client.delete_run(ghost.info.run_id)
@@ -42,7 +75,6 @@ def create_run_once(
                 ghost.info.run_id,
                 run.info.run_id,
             )
-    return run
 
 
 def refusal(exc: BaseException, tracking_uri: str, experiment: str) -> BaseException:

@@ -20,7 +20,7 @@ from typing import Any
 from imgpipe.errors import PipelineError
 from imgpipe.redact import redact_url
 from imgpipe.tracking.cost import CostMeter
-from imgpipe.tracking.create import create_run_once, refusal
+from imgpipe.tracking.create import create_run_once, find_run_once, refusal
 from imgpipe.tracking.outbox import Batch, Outbox, missing_batches, send_failures
 from imgpipe.tracking.store import ensure_experiment, hide_secret_urls, prepare_store
 from imgpipe.tracking.sync import sync_command
@@ -38,6 +38,9 @@ class RunSpec:
     tags: Mapping[str, str] = field(default_factory=dict)
     parent_run_id: str | None = None
     resume_run_id: str | None = None  # continue this run (from a checkpoint)
+    # The creation key (tracking.create), chosen by the trainer and kept in its checkpoints:
+    # without ``resume_run_id``, a run holding it is continued, else one is created with it.
+    run_key: str | None = None
     metric_names: Sequence[str] = ()  # on resume, the steps already logged are read for these
     params: Mapping[str, Any] = field(default_factory=dict)  # logged once, for a new run
     dicts: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # JSON artifacts
@@ -49,20 +52,23 @@ class RunSpec:
 
 
 class MlflowRun:
-    """Started with ``start()``; the first call that needs the run waits for it."""
+    """Started with ``start()``. Epochs and tags logged while the run is being made are
+    kept until it is open; ``wait`` (the model, the end) blocks for it."""
 
     def __init__(self, spec: RunSpec, cost: CostMeter) -> None:
         self.spec = spec
         self.cost = cost
-        self.run_id: str | None = None
+        self.run_id: str | None = None  # set once the run is made (params and all)
         self._client: Any = None
         self._fluent = False  # autolog / system metrics need MLflow's fluent active run
         self._starter: threading.Thread | None = None
         self._start_error: BaseException | None = None
         # On resume: steps MLflow already holds per metric, so no epoch is logged twice.
         self._logged_steps: dict[str, set[int]] = {}
-        self._outbox: Outbox | None = None
+        self._outbox: Outbox | None = None  # made by the starter (its client opens the store)
+        self._opened = False  # the replayed and early batches are in the outbox
         self._replay: list[Mapping[str, Any]] = []  # the checkpoint's epochs, on resume
+        self._early: list[Batch] = []  # logged while the run was being made
         # The model: logged on a thread of its own as soon as it is saved (``log_model``).
         self._model_file: Path | None = None
         self._model_thread: threading.Thread | None = None
@@ -100,27 +106,34 @@ class MlflowRun:
                 f"MLflow store {redact_url(spec.tracking_uri)}: cannot use experiment "
                 f"{spec.experiment_name!r} ({exc.message.splitlines()[0]})"
             ) from None
-        if spec.resume_run_id:
-            self._check_resumable(spec.resume_run_id)
-            client.update_run(spec.resume_run_id, status="RUNNING")
-            self.run_id = spec.resume_run_id
+        run_id, found = spec.resume_run_id, None
+        if not run_id and spec.run_key:  # a checkpoint saved before its run's id was known
+            found = find_run_once(client, [experiment_id], spec.run_key)
+            run_id = found.info.run_id if found is not None else None
+        resumed = run_id is not None
+        if run_id:
+            self._check_resumable(run_id)
+            client.update_run(run_id, status="RUNNING")
         else:
             tags = dict(spec.tags)
             if spec.parent_run_id:
                 tags["mlflow.parentRunId"] = spec.parent_run_id
-            run = create_run_once(client, experiment_id, spec.run_name, tags)
-            self.run_id = run.info.run_id
+            run = create_run_once(client, experiment_id, spec.run_name, tags, spec.run_key)
+            run_id = run.info.run_id
+        if not resumed or (found is not None and not found.data.params):
+            # a new run, or one killed before its params were logged
             if spec.params:
                 client.log_batch(
-                    self.run_id,
-                    params=[Param(k, str(_param_value(v))) for k, v in spec.params.items()],
+                    run_id, params=[Param(k, str(_param_value(v))) for k, v in spec.params.items()]
                 )
             for name, data in spec.dicts.items():
-                client.log_dict(self.run_id, dict(data), name)
+                client.log_dict(run_id, dict(data), name)
+        self._outbox = Outbox(spec.tracking_uri, run_id, self.cost)
+        self.run_id = run_id  # the trainer's checkpoints record it from now on
         log.info(
             "MLflow run %s (%s) in experiment %r at %s",
             self.run_id,
-            "resumed" if spec.resume_run_id else "new",
+            "resumed" if resumed else "new",
             spec.experiment_name,
             redact_url(spec.tracking_uri),
         )
@@ -139,6 +152,10 @@ class MlflowRun:
         for name in self.spec.metric_names:
             history = self._client.get_metric_history(run_id, name)
             self._logged_steps[name] = {m.step for m in history}
+
+    def starting(self) -> bool:
+        """Whether the run is still being made (its starter thread busy)."""
+        return self._starter is not None and self._starter.is_alive()
 
     def wait(self) -> str | None:
         """Block until the run exists (re-raising what stopped it); return its id."""
@@ -161,33 +178,54 @@ class MlflowRun:
     def _open_outbox(self) -> None:
         """Start sending; on resume, first the checkpoint's epochs the run lacks (a kill or
         an outage before the last checkpoint left them out of MLflow)."""
-        if self._outbox is not None or self.run_id is None:
+        if self._opened or self._outbox is None:
             return
-        self._outbox = Outbox(self.spec.tracking_uri, self.run_id, self.cost)
+        self._opened = True
         for batch in missing_batches(self._replay, self._logged_steps):
             log.info("epoch %s is missing from MLflow run %s: sent now", batch.step, self.run_id)
             self._outbox.put(batch)
             for name in batch.metrics:
                 self._logged_steps.setdefault(name, set()).add(batch.step or 0)
+        early, self._early = self._early, []
+        for batch in early:
+            self._put(batch)
 
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
         """The resumed checkpoint's epochs: those the run lacks are sent once it is open."""
         self._replay = list(history)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.wait()
-        assert self._outbox is not None
-        self._outbox.put(Batch(None, tags=dict(tags)))
+        self._send(Batch(None, tags=dict(tags)))
 
     def log_epoch(self, step: int, metrics: Mapping[str, float]) -> None:
         """One batch per epoch, queued; steps the run already holds are not sent again."""
+        self._send(Batch(step, dict(metrics)))
+
+    def _send(self, batch: Batch) -> None:
+        """Into the outbox; while the run is being made, kept for it: on a short epoch,
+        MLflow's import, a new store's migration and the run's creation outlast it, and
+        the training thread must not wait for them (what stopped the run is raised at the
+        first epoch after)."""
+        if self.starting():
+            self._early.append(batch)
+            return
         self.wait()
-        fresh = {k: v for k, v in metrics.items() if step not in self._logged_steps.get(k, ())}
-        if len(fresh) < len(metrics):
-            log.info("epoch %d is already in MLflow run %s: not logged again", step, self.run_id)
-        if fresh:
-            assert self._outbox is not None
-            self._outbox.put(Batch(step, dict(fresh)))
+        self._put(batch)
+
+    def _put(self, batch: Batch) -> None:
+        if batch.step is not None:
+            step, metrics = batch.step, batch.metrics
+            batch.metrics = {
+                k: v for k, v in metrics.items() if step not in self._logged_steps.get(k, ())
+            }
+            if len(batch.metrics) < len(metrics):
+                log.info(
+                    "epoch %d is already in MLflow run %s: not logged again", step, self.run_id
+                )
+            if not batch.metrics:
+                return
+        assert self._outbox is not None
+        self._outbox.put(batch)
 
     def log_model(self, model_file: str | os.PathLike[str]) -> None:
         """Log ``model_file`` (the saved model.pt) as the run's MLflow model, and register
@@ -234,9 +272,11 @@ class MlflowRun:
         KILLED). While the server is gone this waits ``outage_wait_s`` (a few seconds at
         most for a failed or stopped run, whose grace is short) and then leaves the rest,
         said in one line, to the sync command; it never raises for an outage."""
-        if self._starter is not None:  # failed before the run was needed
+        if self._starter is not None:  # ended before the run was needed
             self._starter.join()
             self._starter = None
+            if self._start_error is not None and status == "FINISHED":
+                raise self._start_error  # training ended before the run failed to start
         if not self.run_id or self._client is None:
             return
         self._open_outbox()

@@ -63,7 +63,7 @@ def sync(checkpoint_dir: str | os.PathLike[str], tracking_uri: str | None = None
     if found is None:
         raise PipelineError(f"{folder}: no checkpoint to sync from")
     state, path = found
-    if not state.run_id:
+    if not state.run_id and not state.run_key:
         raise PipelineError(f"{path}: the checkpoint names no MLflow run (setup_mlflow=false?)")
     uri = tracking_uri_for(state.config, tracking_uri)
     check_tracking_uri(uri)
@@ -76,7 +76,7 @@ def sync(checkpoint_dir: str | os.PathLike[str], tracking_uri: str | None = None
         from imgpipe.tracking.outbox import failure_reason
 
         raise PipelineError(
-            f"MLflow run {state.run_id} at {shown}: {failure_reason(exc, uri)}; "
+            f"MLflow run {state.run_id or '(by its key)'} at {shown}: {failure_reason(exc, uri)}; "
             "nothing is lost, run this again"
         ) from None
 
@@ -86,7 +86,7 @@ def _complete(state, folder: Path, uri: str, missing_batches, failures) -> str:
     from mlflow.entities import Metric
 
     client = MlflowClient(uri)
-    run_id = state.run_id
+    run_id = state.run_id or _run_by_key(client, state, folder, uri)
     try:
         run = client.get_run(run_id)
     except failures:
@@ -128,6 +128,23 @@ def _complete(state, folder: Path, uri: str, missing_batches, failures) -> str:
     nothing = not batches and len(done) == 1 and finished
     state_text = "already complete, nothing logged" if nothing else "; ".join(done)
     return f"MLflow run {run_id} at {redact_url(uri)}: {state_text}"
+
+
+def _run_by_key(client, state, folder: Path, uri: str) -> str:
+    """The id of the run a checkpoint saved before its run's id was known belongs to: the
+    run holding its creation key in the checkpoint's experiment."""
+    from imgpipe.tracking.create import find_run_once
+
+    name = state.config.get("mlflow_exp_name")
+    experiment = client.get_experiment_by_name(name) if name else None
+    run = find_run_once(client, [experiment.experiment_id], state.run_key) if experiment else None
+    if run is None:
+        raise PipelineError(
+            f"{folder}: no MLflow run in {redact_url(uri)} holds the checkpoint's key "
+            f"{state.run_key} (experiment {name!r}); resume training (resume=true) to make "
+            "it, or pass the server that holds it with --tracking-uri"
+        )
+    return run.info.run_id
 
 
 def _has_model(client, run) -> bool:
