@@ -139,10 +139,10 @@ def save_state(
     cfg: TrainConfig,
     run_id: str | None,
     group: Group,
-) -> None:
+) -> TrainingState:
     """Checkpoint after ``epoch``: the state as it is now (every rank's RNG, the
     augmenter's included), filed under the run by rank 0: its id when known (``run_id``,
-    else the one resumed), always its key."""
+    else the one resumed), always its key. Returns that state."""
     steps_per_epoch = -(-train_count // cfg.train_bs)
     now = TrainingState.capture(
         parts,
@@ -159,3 +159,4 @@ def save_state(
     distributed.gather_rngs(now, group)
     if group.main:
         now.save(cfg.model_checkpoint_dir_path, keep_previous=True)
+    return now

@@ -190,6 +190,7 @@ def _train(
         metrics = dict(state.history[-1]["metrics"]) if state.history else {}
         first_step_s = fit_s = epochs_s = 0.0
         predicted = None
+        saved = None
         for epoch in range(first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             if epoch == first_epoch:
@@ -227,7 +228,7 @@ def _train(
             state.history.append({"epoch": epoch, "metrics": metrics})
             log_epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t0)
             if epoch % cfg.model_checkpoint_interval == 0 or epoch == cfg.epochs:
-                resume.save_state(
+                saved = resume.save_state(
                     parts, generator, augmenter, state, epoch, len(train_split), cfg,
                     tracker.run_id, group,
                 )  # fmt: skip
@@ -242,6 +243,11 @@ def _train(
         if group.main:
             publish_model(tracker, parts.model, model_spec, test_split, predicted, ckpt_dir)
 
+    if group.main and saved is not None and saved.run_id is None and tracker.run_id:
+        # The run was still being made when the last checkpoint was written (a short
+        # training): file it under the run now, so a finished checkpoint names its run.
+        saved.run_id = tracker.run_id
+        saved.save(cfg.model_checkpoint_dir_path, keep_previous=True)
     timings = Timings(
         fit_s, epochs_s, time.perf_counter() - started, tracker.blocking_s,
         tracker.background_cpu_s, first_step_s,
