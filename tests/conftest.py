@@ -22,9 +22,16 @@ from imgpipe.data import export_sample_digits, process_dataset
 # others by how many slow tests they hold, most first; modules of quick tests last.
 LONGEST_FIRST = (
     "test_resume.py",
-    "test_containers.py",
+    "test_sweep.py",
+    "test_sweep_pruning.py",
+    "test_ddp.py",
     "test_bench.py",
     "test_team.py",
+    "test_preemption.py",
+    "test_experiments.py",
+    "test_containers.py",
+    "test_team_faults.py",
+    "test_finetune.py",
     "test_pipeline.py",
 )
 
