@@ -10,13 +10,15 @@ new end, so the history keeps only that look, as a straight run has.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgpipe import checkpoint, distributed
+from imgpipe import checkpoint, distributed, stop
 from imgpipe.augment import Augmenter
 from imgpipe.checkpoint import TrainingState
 from imgpipe.config import TRAJECTORY, TrainConfig, result_keys
@@ -160,3 +162,27 @@ def save_state(
     if group.main:
         now.save(cfg.model_checkpoint_dir_path, keep_previous=True)
     return now
+
+
+class LastCheckpoint:
+    """The newest checkpoint this process wrote. A checkpoint written while the MLflow run
+    was still being made carries only the run's key; on the way out (the training's end or
+    a stop) it is filed under the run's id once that is known, so the checkpoint a training
+    leaves names its run."""
+
+    def __init__(self) -> None:
+        self.state: TrainingState | None = None
+
+    @contextlib.contextmanager
+    def filed_under(self, tracker: Any, directory: str | Path, main: bool) -> Iterator[None]:
+        try:
+            yield
+        except stop.Stopped:
+            self._file(tracker.run_id, directory, main)
+            raise
+        self._file(tracker.run_id, directory, main)
+
+    def _file(self, run_id: str | None, directory: str | Path, main: bool) -> None:
+        if main and self.state is not None and self.state.run_id is None and run_id:
+            self.state.run_id = run_id
+            self.state.save(directory, keep_previous=True)

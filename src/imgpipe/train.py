@@ -180,7 +180,8 @@ def _train(
     tracker = (
         Tracker(cfg.live_dir_path, spec, images=cfg.live_images) if group.main else SilentTracker()
     )
-    with run_named(tracker), tracker:
+    last = resume.LastCheckpoint()  # filed under the run on the way out (tracker ends first)
+    with run_named(tracker), last.filed_under(tracker, ckpt_dir, group.main), tracker:
         if resumed:
             tracker.replay(state.history)
         # Epoch 0 (the initial state) is saved after the first epoch without waiting for
@@ -190,7 +191,6 @@ def _train(
         metrics = dict(state.history[-1]["metrics"]) if state.history else {}
         first_step_s = fit_s = epochs_s = 0.0
         predicted = None
-        saved = None
         for epoch in range(first_epoch, cfg.epochs + 1):
             t0 = time.perf_counter()
             if epoch == first_epoch:
@@ -224,11 +224,12 @@ def _train(
                 metrics |= final_metrics(tested)
             if epoch == first_epoch:
                 on_first_epoch(tracker, initial, ckpt_dir, cfg, first_epoch, resumed, group)
+                last.state = initial
             tracker.log_epoch(epoch, metrics)
             state.history.append({"epoch": epoch, "metrics": metrics})
             log_epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t0)
             if epoch % cfg.model_checkpoint_interval == 0 or epoch == cfg.epochs:
-                saved = resume.save_state(
+                last.state = resume.save_state(
                     parts, generator, augmenter, state, epoch, len(train_split), cfg,
                     tracker.run_id, group,
                 )  # fmt: skip
@@ -243,11 +244,6 @@ def _train(
         if group.main:
             publish_model(tracker, parts.model, model_spec, test_split, predicted, ckpt_dir)
 
-    if group.main and saved is not None and saved.run_id is None and tracker.run_id:
-        # The run was still being made when the last checkpoint was written (a short
-        # training): file it under the run now, so a finished checkpoint names its run.
-        saved.run_id = tracker.run_id
-        saved.save(cfg.model_checkpoint_dir_path, keep_previous=True)
     timings = Timings(
         fit_s, epochs_s, time.perf_counter() - started, tracker.blocking_s,
         tracker.background_cpu_s, first_step_s,
