@@ -83,11 +83,16 @@ def test_bench_smoke_produces_every_row(tmp_path: Path) -> None:
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
 
 
+def smoke_rows(section: str, results: str, out: Path, timeout: float) -> list[list[str]]:
+    """`python -m bench SECTION --smoke` into ``out``: the rows of its results/<results>.json."""
+    result = run_bench(section, "--smoke", "--out", str(out), cwd=out, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "results" / f"{results}.json").read_text())["rows"]
+
+
 @pytest.mark.slow
 def test_decode_bench_smoke_produces_every_row(tmp_path: Path) -> None:
-    result = run_bench("decode", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = json.loads((tmp_path / "results" / "decoding.json").read_text())["rows"]
+    rows = smoke_rows("decode", "decoding", tmp_path, timeout=600)
     measures = [row[0] for row in rows]
     for kind in ("28x28 grey PNG", "128x128 RGB JPEG"):
         for expected in (
@@ -108,9 +113,7 @@ def test_decode_bench_smoke_produces_every_row(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_models_bench_smoke_produces_every_row(tmp_path: Path) -> None:
-    result = run_bench("models", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = json.loads((tmp_path / "results" / "models.json").read_text())["rows"]
+    rows = smoke_rows("models", "models", tmp_path, timeout=600)
     measures = " ".join(row[0] for row in rows)
     for expected in (
         "augment=basic, per batch",
@@ -125,9 +128,7 @@ def test_models_bench_smoke_produces_every_row(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_bench_smoke_produces_every_row(tmp_path: Path) -> None:
-    result = run_bench("predict", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = json.loads((tmp_path / "results" / "predict.json").read_text())["rows"]
+    rows = smoke_rows("predict", "predict", tmp_path, timeout=900)
     measures = " ".join(row[0] for row in rows)
     for expected in (
         "imgpipe predict (make predict, start-up included) / bare loop",
