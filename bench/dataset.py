@@ -29,7 +29,9 @@ def _write_images(args: tuple[str, int, int, int, int]) -> None:
         canvas[dy : dy + size - 4, dx : dx + size - 4] = np.asarray(im)
         noise = rng.integers(0, 24, (size, size), dtype=np.uint8)
         pixels = np.clip(canvas.astype(np.int16) + noise, 0, 255).astype(np.uint8)
-        split = "test" if i % test_every == 0 else "train"
+        # Runs of ten in a row go to test: the digits' labels cycle, so every class has
+        # test images at any count (``i % 6`` alone picks even labels only below 1797).
+        split = "test" if (i // 10) % test_every == 0 else "train"
         label = int(digits.target[src])
         path = Path(root) / split / str(label) / f"{i:07d}.png"
         Image.fromarray(pixels).save(path, compress_level=6)

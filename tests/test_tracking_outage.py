@@ -109,6 +109,12 @@ class OnEpochLine(logging.Handler):
         self.actions = actions
         self.run_open = threading.Event()
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Not under the handler's lock (as Handler.handle would): the run starter's line
+        # comes through this handler from another thread while an action may be waiting.
+        self.emit(record)
+        return True
+
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith(RUN_OPEN):
             self.run_open.set()

@@ -184,9 +184,11 @@ def _train(
     with run_named(tracker), last.filed_under(tracker, ckpt_dir, group.main), tracker:
         if resumed:
             tracker.replay(state.history)
-        # Epoch 0 (the initial state) is saved after the first epoch without waiting for
-        # the MLflow run: with its key, so a kill before the run's id is known resumes
-        # into the same run (found by its key).
+        # Epoch 0 (the initial state) is saved after the first epoch, once the MLflow run
+        # (made while that epoch trained) exists: a refused run (HTTP 403, an unusable
+        # experiment) stops training before it leaves a checkpoint or drops an older one.
+        # The checkpoint carries the run's key too, so a kill while the run is made
+        # resumes into the same run (found by its key).
         initial = None if resumed else state
         metrics = dict(state.history[-1]["metrics"]) if state.history else {}
         first_step_s = fit_s = epochs_s = 0.0
@@ -297,10 +299,10 @@ def on_first_epoch(
     resumed: bool,
     group: Group,
 ) -> None:
-    """Save epoch 0 (its run's id if known by now, always its key), tag the run. Nothing
-    here waits for MLflow: the tags are sent once the run is open."""
+    """Save epoch 0 under its MLflow run (waited for, when the first epoch was shorter than
+    the run's making; what refused it is raised here), tag the run."""
     if initial is not None:
-        initial.run_id = tracker.run_id
+        initial.run_id = tracker.wait() if group.main else None
         distributed.gather_rngs(initial, group)
         # A fresh run drops the old run's checkpoints only with its own first one.
         if group.main:
