@@ -13,6 +13,7 @@ import pytest
 from helpers import IN_CI, answering_docker, write_dataset
 from imgpipe import testing
 from imgpipe.data import export_sample_digits, process_dataset
+from imgpipe.data.processed import write_subset
 
 # The order the modules go out to the workers: with --dist loadfile each module runs whole
 # on one worker and the run ends when the busier worker does, so the long modules go first
@@ -73,6 +74,15 @@ def sample_processed(sample_raw: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("sample") / "processed"
     process_dataset(sample_raw, out, num_workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def few_processed(sample_processed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The processed sample cut to 320 train / 64 val / 64 test images spread over each
+    split (every class in each): for the tests that prove a path (resume, faults, sweeps, several
+    processes) rather than what training reaches; a fifth of the sample's epoch."""
+    out = tmp_path_factory.mktemp("few") / "processed"
+    return write_subset(sample_processed, out, 320, 64, spread=True)
 
 
 @pytest.fixture

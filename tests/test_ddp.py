@@ -23,7 +23,7 @@ from imgpipe import checkpoint
 from imgpipe.distributed import Group, first_message
 from imgpipe.errors import PipelineError
 from imgpipe.sweep.worker import gpu_for_worker, visible_gpus
-from imgpipe.testing import REPO, dvc, free_port, make, run_outputs, train_config
+from imgpipe.testing import REPO, dvc, empty_store, free_port, make, run_outputs, train_config
 from imgpipe.train import train
 
 EPOCHS = 10  # enough for 1 and 2 processes to agree on test accuracy within half a point
@@ -138,7 +138,7 @@ def assert_same_training(root: Path, straight: Path, store: Path) -> None:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ddp-store") / "mlflow.db"
+    return empty_store(tmp_path_factory.mktemp("ddp-store") / "mlflow.db")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import yaml
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.stop import launchers
-from imgpipe.testing import REPO, make, project_env, run_outputs
+from imgpipe.testing import REPO, empty_store, make, project_env, run_outputs
 from imgpipe.train import METRIC_NAMES
 from test_resume import assert_same_run, epoch_line, in_dir, run_to_end, start_training
 from test_sweep import load_study, sweep_args
@@ -87,7 +87,7 @@ def stop_mid_epoch(cfg: TrainConfig, experiment: str, signum: int) -> None:
 def test_sigterm_mid_epoch_stops_cleanly_and_resume_ends_like_a_straight_run(
     sample_processed: Path, tmp_path: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    uri = f"sqlite:///{empty_store(tmp_path / 'store' / 'mlflow.db')}"
     base = TrainConfig(
         epochs=4, train_bs=16, data_dir_path=str(sample_processed), mlflow_tracking_uri=uri
     )
@@ -106,7 +106,7 @@ def test_ctrl_c_mid_epoch_stops_cleanly_with_130(sample_processed: Path, tmp_pat
         epochs=4,
         train_bs=16,
         data_dir_path=str(sample_processed),
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+        mlflow_tracking_uri=f"sqlite:///{empty_store(tmp_path / 'store' / 'mlflow.db')}",
         **run_outputs(tmp_path / "run"),
     )
     stop_mid_epoch(cfg, f"ctrl-c-{tmp_path.name}", signal.SIGINT)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import error_lines
-from imgpipe.testing import copy_project, free_port, make, run_script
+from imgpipe.testing import copy_project, empty_store, free_port, make, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def registry(sample_processed: Path, tmp_path_factory: pytest.TempPathFactory):
     from imgpipe.sweep.settings import OBJECTIVE_NAMES
 
     root = tmp_path_factory.mktemp("registry")
-    store = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    store = f"sqlite:///{empty_store(root / 'mlruns' / 'mlflow.db')}"
     client = MlflowClient(store)
     states = {}
     outputs = {}

@@ -22,15 +22,15 @@ from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.data import process_dataset
 from imgpipe.errors import PipelineError
-from imgpipe.testing import REPO, dvc, make, project_env, run_outputs, train_config
+from imgpipe.testing import REPO, dvc, empty_store, make, project_env, run_outputs, train_config
 from imgpipe.train import METRIC_NAMES, train
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, sample_processed: Path, monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
+def cfg(tmp_path: Path, few_processed: Path, monkeypatch: pytest.MonkeyPatch) -> TrainConfig:
     monkeypatch.chdir(tmp_path)
     return train_config(
-        sample_processed, tmp_path / "run", store=tmp_path / "store" / "mlflow.db", epochs=3
+        few_processed, tmp_path / "run", store=tmp_path / "store" / "mlflow.db", epochs=3
     )
 
 
@@ -298,15 +298,15 @@ def kill_moments(straight: dict[int, float], epochs: int, draw: random.Random) -
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("server", marks=pytest.mark.server)])
 def test_sigkill_at_any_moment_then_resume_ends_like_a_straight_run(
-    store: str, request: pytest.FixtureRequest, sample_processed: Path, tmp_path: Path
+    store: str, request: pytest.FixtureRequest, few_processed: Path, tmp_path: Path
 ) -> None:
     uri = (
         request.getfixturevalue("mlflow_server")
         if store == "server"
-        else f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+        else f"sqlite:///{empty_store(tmp_path / 'store' / 'mlflow.db')}"
     )
     base = TrainConfig(
-        epochs=4, train_bs=16, data_dir_path=str(sample_processed), mlflow_tracking_uri=uri
+        epochs=4, train_bs=16, data_dir_path=str(few_processed), mlflow_tracking_uri=uri
     )
     experiment = f"kill-{store}-{tmp_path.name}"
     straight = in_dir(base, tmp_path / "straight")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from helpers import IN_CI, error_lines, start_sweep
-from imgpipe.testing import REPO, run_script
+from imgpipe.testing import REPO, empty_store, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def sweep_args(root: Path, data: Path, *extra: str) -> list[str]:
         f"data_dir_path={data}",
         "epochs=2",
         f"hydra.sweep.dir={root / 'sweep' / 'results'}",
-        f"mlflow_tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+        f"mlflow_tracking_uri=sqlite:///{empty_store(root / 'mlruns' / 'mlflow.db')}",
         f"log_dir={root / 'logs'}",
         *extra,
     ]
@@ -52,10 +52,10 @@ def all_output(root: Path, result: subprocess.CompletedProcess) -> str:
     return text
 
 
-def test_seed_multirun_runs_the_configured_trials(sample_processed: Path, tmp_path: Path) -> None:
+def test_seed_multirun_runs_the_configured_trials(few_processed: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    result = run_script("train_model.py", *sweep_args(tmp_path, sample_processed), cwd=tmp_path)
+    result = run_script("train_model.py", *sweep_args(tmp_path, few_processed), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
     results = tmp_path / "sweep" / "results"
@@ -93,12 +93,10 @@ def test_seed_multirun_runs_the_configured_trials(sample_processed: Path, tmp_pa
     assert len(checkpoints) == 3
 
 
-def test_two_workers_run_trials_at_the_same_time(sample_processed: Path, tmp_path: Path) -> None:
+def test_two_workers_run_trials_at_the_same_time(few_processed: Path, tmp_path: Path) -> None:
     result = run_script(
         "train_model.py",
-        *sweep_args(
-            tmp_path, sample_processed, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4"
-        ),
+        *sweep_args(tmp_path, few_processed, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4"),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -118,16 +116,14 @@ def test_two_workers_run_trials_at_the_same_time(sample_processed: Path, tmp_pat
     ]
 
 
-def test_a_diverging_trial_fails_and_the_sweep_goes_on(
-    sample_processed: Path, tmp_path: Path
-) -> None:
+def test_a_diverging_trial_fails_and_the_sweep_goes_on(few_processed: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     result = run_script(
         "train_model.py",
         *sweep_args(
             tmp_path,
-            sample_processed,
+            few_processed,
             "lr=choice(1.0,1e12)",
             "hydra.sweeper.n_trials=4",
             "hydra.sweeper.sampler.seed=3",  # draws 1e12, 1.0, 1e12, 1.0
@@ -145,13 +141,11 @@ def test_a_diverging_trial_fails_and_the_sweep_goes_on(
 
 
 def test_a_sweep_where_every_trial_fails_exits_non_zero(
-    sample_processed: Path, tmp_path: Path
+    few_processed: Path, tmp_path: Path
 ) -> None:
     result = run_script(
         "train_model.py",
-        *sweep_args(
-            tmp_path, sample_processed, "lr=interval(1e11,1e12)", "hydra.sweeper.n_trials=2"
-        ),
+        *sweep_args(tmp_path, few_processed, "lr=interval(1e11,1e12)", "hydra.sweeper.n_trials=2"),
         cwd=tmp_path,
     )
     assert result.returncode == 2
@@ -176,10 +170,10 @@ def test_a_sweep_where_every_trial_fails_exits_non_zero(
     ],
 )
 def test_bad_sweep_input_stops_before_the_first_trial(
-    sample_processed: Path, tmp_path: Path, override: str, expected: str
+    few_processed: Path, tmp_path: Path, override: str, expected: str
 ) -> None:
     result = run_script(
-        "train_model.py", *sweep_args(tmp_path, sample_processed, override), cwd=tmp_path
+        "train_model.py", *sweep_args(tmp_path, few_processed, override), cwd=tmp_path
     )
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
@@ -205,7 +199,7 @@ def test_changed_code_or_config_starts_a_new_study(monkeypatch: pytest.MonkeyPat
 
 
 def test_an_existing_study_with_other_directions_is_refused(
-    sample_processed: Path, tmp_path: Path
+    few_processed: Path, tmp_path: Path
 ) -> None:
     import optuna
 
@@ -213,7 +207,7 @@ def test_an_existing_study_with_other_directions_is_refused(
     optuna.create_study(study_name="image-classification", storage=storage, direction="maximize")
     result = run_script(
         "train_model.py",
-        *sweep_args(tmp_path, sample_processed, f"hydra.sweeper.storage={storage}"),
+        *sweep_args(tmp_path, few_processed, f"hydra.sweeper.storage={storage}"),
         cwd=tmp_path,
     )
     assert result.returncode == 2
@@ -221,8 +215,8 @@ def test_an_existing_study_with_other_directions_is_refused(
     assert "['maximize']" in line and "['minimize', 'maximize']" in line
 
 
-def test_a_killed_sweep_resumes_where_it_stopped(sample_processed: Path, tmp_path: Path) -> None:
-    args = sweep_args(tmp_path, sample_processed, "hydra.sweeper.n_trials=4", "epochs=4")
+def test_a_killed_sweep_resumes_where_it_stopped(few_processed: Path, tmp_path: Path) -> None:
+    args = sweep_args(tmp_path, few_processed, "hydra.sweeper.n_trials=4", "epochs=4")
     proc = start_sweep(args, tmp_path)
     third_started = False
     for line in proc.stderr:
@@ -330,7 +324,7 @@ def test_machines_finishing_one_parent_run_at_once_all_succeed(
 
 
 def test_three_machines_share_one_study_through_postgresql(
-    sample_processed: Path, tmp_path: Path, mlflow_server: str
+    few_processed: Path, tmp_path: Path, mlflow_server: str
 ) -> None:
     import optuna
     from mlflow import MlflowClient
@@ -341,7 +335,7 @@ def test_three_machines_share_one_study_through_postgresql(
     study_name = f"test-{uuid.uuid4().hex[:12]}"
     common = [
         "--multirun",
-        f"data_dir_path={sample_processed}",
+        f"data_dir_path={few_processed}",
         "epochs=2",
         f"hydra.sweeper.storage={secret_url}",
         f"hydra.sweeper.study_name={study_name}",

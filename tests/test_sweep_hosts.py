@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import IN_CI
-from imgpipe.testing import REPO
+from imgpipe.testing import REPO, empty_store
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def wait_for(what: str, check, timeout: float = 120.0):
 
 
 def test_a_worker_dying_on_another_host_is_retried_after_the_grace_period(
-    sample_processed: Path, tmp_path: Path
+    few_processed: Path, tmp_path: Path
 ) -> None:
     import optuna
 
@@ -71,11 +71,11 @@ def test_a_worker_dying_on_another_host_is_retried_after_the_grace_period(
             "-u",
             str(REPO / "src" / "train_model.py"),
             "--multirun",
-            f"data_dir_path={sample_processed}",
+            f"data_dir_path={few_processed}",
             "epochs=2",
             "lr=interval(0.5,2.0)",
             f"hydra.sweep.dir={results}",
-            f"mlflow_tracking_uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+            f"mlflow_tracking_uri=sqlite:///{empty_store(tmp_path / 'mlruns' / 'mlflow.db')}",
             f"log_dir={tmp_path / machine / 'logs'}",
             "hydra.sweeper.n_trials=3",
             "hydra.sweeper.n_jobs=1",

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from helpers import error_lines, start_sweep
-from imgpipe.testing import REPO, run_script
+from imgpipe.testing import REPO, empty_store, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def sweep_args(root: Path, data: Path, *extra: str) -> list[str]:
         "--multirun",
         f"data_dir_path={data}",
         f"hydra.sweep.dir={root / 'sweep' / 'results'}",
-        f"mlflow_tracking_uri=sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+        f"mlflow_tracking_uri=sqlite:///{empty_store(root / 'mlruns' / 'mlflow.db')}",
         f"log_dir={root / 'logs'}",
         *extra,
     ]
@@ -48,18 +48,18 @@ def trials_csv(root: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-# Learning rates a thousand times too small barely move the seed CNN in 3 epochs: the
+# Learning rates ten thousand times too small barely move the seed CNN in 3 epochs: the
 # median rule must stop them after epoch 2 once two trials are complete.
 BAD_LRS = ["lr=choice(0.0001,1.0)", "epochs=3", "sweep_pruner=median"]
 BAD_LRS += ["sweep_pruner_startup_trials=2", "sweep_pruner_warmup_epochs=1"]
 
 
 def test_median_pruning_of_two_objectives_counts_pruned_trials_and_resumes_after_sigkill(
-    sample_processed: Path, tmp_path: Path
+    few_processed: Path, tmp_path: Path
 ) -> None:
     from mlflow import MlflowClient
 
-    args = sweep_args(tmp_path, sample_processed, *BAD_LRS, "hydra.sweeper.n_trials=8")
+    args = sweep_args(tmp_path, few_processed, *BAD_LRS, "hydra.sweeper.n_trials=8")
     proc = start_sweep(args, tmp_path)
     seen_fifth = False
     for line in proc.stderr:  # kill in the middle of the fifth trial
@@ -113,11 +113,11 @@ def test_median_pruning_of_two_objectives_counts_pruned_trials_and_resumes_after
 
 
 def test_one_objective_prunes_through_optunas_report_and_should_prune(
-    sample_processed: Path, tmp_path: Path
+    few_processed: Path, tmp_path: Path
 ) -> None:
     args = sweep_args(
         tmp_path,
-        sample_processed,
+        few_processed,
         *BAD_LRS,
         "hydra.sweeper.direction=[minimize]",
         "hydra.sweeper.n_trials=6",
@@ -228,7 +228,7 @@ def test_the_pruner_is_a_param_of_the_sweep_stage_but_keeps_the_study() -> None:
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_two_processes_on_one_study_draw_distinct_params_and_end_with_n_trials(
-    sample_processed: Path, tmp_path: Path, storage: str
+    few_processed: Path, tmp_path: Path, storage: str
 ) -> None:
     """Two `--multirun` commands with the same seed on one study: no identical params, no
     trial run twice, exactly n_trials in the end."""
@@ -243,7 +243,7 @@ def test_two_processes_on_one_study_draw_distinct_params_and_end_with_n_trials(
         root.mkdir()
         args = sweep_args(
             root,
-            sample_processed,
+            few_processed,
             where,
             "epochs=1",
             "lr=interval(0.5,2.0)",

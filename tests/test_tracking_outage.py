@@ -128,7 +128,7 @@ class OnEpochLine(logging.Handler):
 @pytest.mark.server
 def test_server_restarted_mid_training_gets_every_epoch_once(
     server: Server,
-    sample_processed: Path,
+    few_processed: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -146,7 +146,7 @@ def test_server_restarted_mid_training_gets_every_epoch_once(
         logger.addHandler(hook)
     try:
         cfg = train_config(
-            sample_processed,
+            few_processed,
             tmp_path / "run",
             epochs=EPOCHS,
             mlflow_tracking_uri=server.url,
@@ -175,7 +175,7 @@ def test_server_restarted_mid_training_gets_every_epoch_once(
 @pytest.mark.slow
 @pytest.mark.server
 def test_server_gone_for_good_then_sync_completes_the_run_exactly(
-    server: Server, sample_processed: Path, tmp_path: Path
+    server: Server, few_processed: Path, tmp_path: Path
 ) -> None:
     """Training exits 0 with its outputs complete and one line naming the command; after
     the server is back, that command completes the run, and a second time changes nothing."""
@@ -186,7 +186,7 @@ def test_server_gone_for_good_then_sync_completes_the_run_exactly(
     cmd = [
         *entry_point("train_model.py"),
         f"epochs={EPOCHS}",
-        f"data_dir_path={sample_processed}",
+        f"data_dir_path={few_processed}",
         f"mlflow_tracking_uri={url}",
         "mlflow_exp_name=gone",
         "mlflow_outage_wait_s=2",

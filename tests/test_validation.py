@@ -13,7 +13,7 @@ import yaml
 
 from imgpipe import checkpoint
 from imgpipe.config import TrainConfig
-from imgpipe.testing import run_script, train_config
+from imgpipe.testing import empty_store, run_script, train_config
 from imgpipe.train import train
 
 
@@ -79,7 +79,7 @@ def test_the_sweep_chooses_on_val_and_its_parent_reports_test(
 ) -> None:
     from mlflow import MlflowClient
 
-    store = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    store = f"sqlite:///{empty_store(tmp_path / 'mlruns' / 'mlflow.db')}"
     result = run_script(
         "train_model.py",
         "--multirun",

@@ -17,6 +17,7 @@ and the virtual environment running it (``VENV``); nothing in the pipeline impor
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
@@ -25,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -82,13 +84,39 @@ def train_config(
     data: Path, root: Path, *, store: Path | None = None, **changes: object
 ) -> TrainConfig:
     """A training config on the processed ``data`` with every output under ``root``; its
-    SQLite store is ``root/store/mlflow.db`` unless ``store`` names one runs share."""
+    SQLite store is ``root/store/mlflow.db`` unless ``store`` names one runs share (either
+    way an ``empty_store`` when it does not exist yet)."""
     values = {
         "data_dir_path": str(data),
-        "mlflow_tracking_uri": f"sqlite:///{store or root / 'store' / 'mlflow.db'}",
+        "mlflow_tracking_uri": f"sqlite:///{empty_store(store or root / 'store' / 'mlflow.db')}",
         **run_outputs(root),
     }
     return TrainConfig(**(values | changes))
+
+
+_template: Path | None = None
+
+
+def empty_store(path: Path) -> Path:
+    """An empty MLflow SQLite store at ``path`` unless one is there: a copy of one this
+    process made once. MLflow makes a new store by running every alembic migration, seconds
+    of CPU each time; the tests that are about making a store (a project's first run, the
+    race of two processes on a new store) leave the path to the pipeline instead."""
+    global _template
+    if path.exists():
+        return path
+    if _template is None or not _template.exists():
+        from imgpipe.tracking.store import create_sqlite_store_once
+
+        made = Path(tempfile.mkdtemp(prefix="imgpipe-empty-store-")) / "mlflow.db"
+        create_sqlite_store_once(f"sqlite:///{made}", made)
+        atexit.register(shutil.rmtree, made.parent, ignore_errors=True)
+        _template = made
+    path.parent.mkdir(parents=True, exist_ok=True)
+    copying = path.with_name(f".{path.name}.{os.getpid()}.copy")
+    shutil.copyfile(_template, copying)
+    os.replace(copying, path)  # never a half-copied store under the name
+    return path
 
 
 # --------------------------------------------------------------------------- mlflow server
@@ -155,7 +183,7 @@ def server_command(
         str(port),
         *(["--workers", str(workers)] if workers else []),
         "--backend-store-uri",
-        store or f"sqlite:///{root / 'mlflow.db'}",
+        store or f"sqlite:///{empty_store(root / 'mlflow.db')}",
         "--default-artifact-root",
         str(artifacts or root / "artifacts"),
     ]

@@ -200,9 +200,12 @@ def write_subset(
     n_train: int,
     n_test: int,
     n_val: int | None = None,
+    *,
+    spread: bool = False,
 ) -> Path:
     """Write a processed dataset of the first ``n_train``/``n_val``/``n_test`` images of
-    each split (``n_val`` None: as many as ``n_test``).
+    each split (``n_val`` None: as many as ``n_test``); ``spread``: that many images evenly
+    spaced over each split instead, so a split stored class by class keeps every class.
 
     The normalisation stats stay the whole training set's, so a model trained on
     the subset sees its inputs scaled as on the whole.
@@ -217,9 +220,12 @@ def write_subset(
         ("test", data.test, n_test),
     )
     for name, split, n in cuts:
-        np.save(out / images_file(name), split.images[:n])
-        write_labels(out, name, split.labels[:n])
-        per_class = np.bincount(split.labels[:n], minlength=len(data.classes))
+        total = len(split.labels)
+        pick = np.linspace(0, total - 1, min(n, total)).astype(int) if spread else slice(n)
+        labels = np.asarray(split.labels)[pick]
+        np.save(out / images_file(name), np.asarray(split.images[pick]))
+        write_labels(out, name, labels)
+        per_class = np.bincount(labels, minlength=len(data.classes))
         class_counts[name] = dict(zip(data.classes, per_class, strict=True))
     write_metadata(
         out,
