@@ -5,6 +5,7 @@ study and experiments through the remote and a bare git repository."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -395,6 +396,55 @@ def test_a_user_without_a_grant_reads_but_training_is_refused_in_one_line(
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.reader_password)
     names = [e.name for e in MlflowClient(stack.tracking_uri).search_experiments()]
     assert "image-classification" in names  # READ: she sees the team's work
+
+
+def test_a_reader_predicts_with_the_teams_model_and_a_wrong_password_is_one_line(
+    stack: Stack, clones: Clones, tmp_path: Path
+) -> None:
+    """carol (READ only) classifies images with the model clone A trained, fetched through
+    the server with its files checked; with a wrong password `imgpipe predict` stops with
+    one line (HTTP 401) and writes no predictions."""
+    import mlflow
+
+    admin = stack.training_env()
+    os.environ |= {k: admin[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    try:
+        mlflow.set_tracking_uri(stack.tracking_uri)
+        (model,) = mlflow.search_logged_models(
+            experiment_ids=[clones.experiment_id],
+            filter_string=f"source_run_id = '{clones.train_run_id}'",
+            output_format="list",
+        )
+    finally:
+        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            os.environ.pop(var, None)
+    images = clones.a / "data" / "raw" / "test"
+
+    def predict(out: Path, password: str) -> subprocess.CompletedProcess[str]:
+        env = stack.training_env(
+            MLFLOW_TRACKING_USERNAME="carol", MLFLOW_TRACKING_PASSWORD=password
+        )
+        return stack.record(
+            run(
+                [sys.executable, "-m", "imgpipe", "predict", f"predict_input={images}",
+                 f"predict_model={model.model_uri}", f"predict_output_dir={out}",
+                 f"log_dir={tmp_path / 'logs'}"],
+                tmp_path, env, timeout=300,
+            )
+        )  # fmt: skip
+
+    read = predict(tmp_path / "read", stack.reader_password)
+    assert read.returncode == 0, read.stderr[-3000:]
+    with open(tmp_path / "read" / "predictions.csv", encoding="utf-8") as fh:
+        answers = list(csv.DictReader(fh))
+    assert len(answers) == len(list(images.rglob("*.png")))
+
+    refused = predict(tmp_path / "refused", "wrong-password-1234")
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (line,) = error_lines(refused.stderr)
+    assert stack.tracking_uri in line and "HTTP 401" in line, line
+    assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_experiments_travel_through_git_and_the_remote(stack: Stack, clones: Clones) -> None:
