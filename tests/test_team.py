@@ -410,7 +410,7 @@ def test_a_reader_predicts_with_the_teams_model_and_a_wrong_password_is_one_line
     os.environ |= {k: admin[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         mlflow.set_tracking_uri(stack.tracking_uri)
-        (model,) = mlflow.search_logged_models(
+        logged = mlflow.search_logged_models(
             experiment_ids=[clones.experiment_id],
             filter_string=f"source_run_id = '{clones.train_run_id}'",
             output_format="list",
@@ -418,6 +418,7 @@ def test_a_reader_predicts_with_the_teams_model_and_a_wrong_password_is_one_line
     finally:
         for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             os.environ.pop(var, None)
+    model = max(logged, key=lambda m: m.creation_timestamp)  # a resume logs the run's again
     images = clones.a / "data" / "raw" / "test"
 
     def predict(out: Path, password: str) -> subprocess.CompletedProcess[str]:

@@ -85,10 +85,13 @@ def train_config(
 ) -> TrainConfig:
     """A training config on the processed ``data`` with every output under ``root``; its
     SQLite store is ``root/store/mlflow.db`` unless ``store`` names one runs share (either
-    way an ``empty_store`` when it does not exist yet)."""
+    way an ``empty_store`` when it does not exist yet and MLflow is on)."""
+    db = store or root / "store" / "mlflow.db"
+    if changes.get("setup_mlflow", True) and "mlflow_tracking_uri" not in changes:
+        empty_store(db)
     values = {
         "data_dir_path": str(data),
-        "mlflow_tracking_uri": f"sqlite:///{empty_store(store or root / 'store' / 'mlflow.db')}",
+        "mlflow_tracking_uri": f"sqlite:///{db}",
         **run_outputs(root),
     }
     return TrainConfig(**(values | changes))
