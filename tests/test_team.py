@@ -399,25 +399,21 @@ def test_a_user_without_a_grant_reads_but_training_is_refused_in_one_line(
 
 
 def test_a_reader_predicts_with_the_teams_model_and_a_wrong_password_is_one_line(
-    stack: Stack, clones: Clones, tmp_path: Path
+    stack: Stack, clones: Clones, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """carol (READ only) classifies images with the model clone A trained, fetched through
     the server with its files checked; with a wrong password `imgpipe predict` stops with
     one line (HTTP 401) and writes no predictions."""
     import mlflow
 
-    admin = stack.training_env()
-    os.environ |= {k: admin[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    try:
-        mlflow.set_tracking_uri(stack.tracking_uri)
-        logged = mlflow.search_logged_models(
-            experiment_ids=[clones.experiment_id],
-            filter_string=f"source_run_id = '{clones.train_run_id}'",
-            output_format="list",
-        )
-    finally:
-        for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            os.environ.pop(var, None)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack.user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.password)
+    mlflow.set_tracking_uri(stack.tracking_uri)
+    logged = mlflow.search_logged_models(
+        experiment_ids=[clones.experiment_id],
+        filter_string=f"source_run_id = '{clones.train_run_id}'",
+        output_format="list",
+    )
     model = max(logged, key=lambda m: m.creation_timestamp)  # a resume logs the run's again
     images = clones.a / "data" / "raw" / "test"
 

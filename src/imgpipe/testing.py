@@ -176,7 +176,8 @@ def server_command(
     store: str | None = None,
     artifacts: Path | None = None,
 ) -> list[str]:
-    """The `mlflow server` command line on 127.0.0.1:``port``, its store under ``root``."""
+    """The `mlflow server` command line on 127.0.0.1:``port``, its store under ``root``
+    (an ``empty_store`` put there first unless ``store`` names another)."""
     return [
         str(VENV / "bin" / "mlflow"),
         "server",

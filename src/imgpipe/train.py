@@ -187,8 +187,8 @@ def _train(
         # Epoch 0 (the initial state) is saved after the first epoch, once the MLflow run
         # (made while that epoch trained) exists: a refused run (HTTP 403, an unusable
         # experiment) stops training before it leaves a checkpoint or drops an older one.
-        # The checkpoint carries the run's key too, so a kill while the run is made
-        # resumes into the same run (found by its key).
+        # Checkpoints carry the run's key too: `imgpipe sync` and a resume find the run by
+        # it when a checkpoint lacks the id.
         initial = None if resumed else state
         metrics = dict(state.history[-1]["metrics"]) if state.history else {}
         first_step_s = fit_s = epochs_s = 0.0
