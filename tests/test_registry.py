@@ -48,7 +48,7 @@ def registry(sample_processed: Path, tmp_path_factory: pytest.TempPathFactory):
     """Three sweeps into one store: a fair one, a better one, a worse one (lr far too small)."""
     from mlflow import MlflowClient
 
-    from imgpipe.sweep.settings import OBJECTIVE_NAMES
+    from imgpipe.metrics import OBJECTIVE_NAMES
 
     root = tmp_path_factory.mktemp("registry")
     store = f"sqlite:///{empty_store(root / 'mlruns' / 'mlflow.db')}"

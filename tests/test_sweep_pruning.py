@@ -88,7 +88,8 @@ def test_median_pruning_of_two_objectives_counts_pruned_trials_and_resumes_after
     for t in pruned:
         assert t.params["lr"] == 0.0001
         assert t.user_attrs["epochs_trained"] == t.user_attrs["pruned_at_epoch"] == 2
-        assert len(t.user_attrs["first_objective_by_epoch"]) == 2
+        assert len(t.user_attrs["val_loss_by_epoch"]) == 2
+        assert len(t.user_attrs["val_accuracy_by_epoch"]) == 2
     assert all(t.user_attrs["epochs_trained"] == 3 for t in complete)
 
     # Never in the Pareto front, the best trial or the results' solutions.
@@ -147,6 +148,20 @@ def test_one_objective_prunes_through_optunas_report_and_should_prune(
             "sweep_pruner_percentile",
             id="percentile-out-of-range",
         ),
+        pytest.param(
+            ["sweep_pruner=median", "sweep_pruner_objective=val/f1"],
+            "'sweep_pruner_objective'",
+            id="unknown-objective",
+        ),
+        pytest.param(
+            [
+                "sweep_pruner=median",
+                "sweep_pruner_objective=val/accuracy",
+                "hydra.sweeper.direction=[minimize]",
+            ],
+            "'sweep_pruner_objective'",
+            id="objective-not-in-a-one-objective-study",
+        ),
     ],
 )
 def test_a_refused_pruner_is_one_line(tmp_path: Path, overrides: list[str], expected: str) -> None:
@@ -160,21 +175,29 @@ def test_a_refused_pruner_is_one_line(tmp_path: Path, overrides: list[str], expe
     assert not (tmp_path / "sweep" / "study").exists()
 
 
-def test_the_two_objective_rule_prunes_where_optunas_median_pruner_does() -> None:
-    """The same val-loss curves judged twice: by Optuna's MedianPruner in a one-objective
-    study and by the project's rule in a two-objective one (reference: complete trials only;
-    a trial's best so far against their value at the epoch; warm-up; start-up trials)."""
+@pytest.mark.parametrize(
+    ("judged", "direction", "start", "steps"),
+    [("val/loss", "minimize", 2.0, (-0.3, 0.1)), ("val/accuracy", "maximize", 0.3, (-0.05, 0.1))],
+)
+def test_the_two_objective_rule_prunes_where_optunas_median_pruner_does(
+    judged: str, direction: str, start: float, steps: tuple[float, float]
+) -> None:
+    """The same curves judged twice: by Optuna's MedianPruner in a one-objective study of
+    that direction, and by the project's rule in a two-objective one, on the objective
+    ``sweep_pruner_objective`` names (reference: complete trials only; a trial's best so far
+    against their value at the epoch; warm-up; start-up trials)."""
     import numpy as np
     import optuna
     from optuna.trial import TrialState
 
-    from imgpipe.sweep.pruning import CURVE_ATTR, EpochJudge, Pruned, PrunerSettings, optuna_pruner
+    from imgpipe.sweep.pruning import EpochJudge, Pruned, PrunerSettings, curve_attr, optuna_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     epochs, rng = 6, np.random.default_rng(3)
-    curves = [list(np.cumsum(rng.uniform(-0.3, 0.1, epochs)) + 2.0) for _ in range(30)]
-    settings = PrunerSettings("median", startup_trials=3, warmup_epochs=1)
-    one = optuna.create_study(direction="minimize", pruner=optuna_pruner(settings, epochs))
+    curves = [list(np.cumsum(rng.uniform(*steps, epochs)) + start) for _ in range(30)]
+    other = "val/accuracy" if judged == "val/loss" else "val/loss"
+    settings = PrunerSettings("median", startup_trials=3, warmup_epochs=1, objective=judged)
+    one = optuna.create_study(direction=direction, pruner=optuna_pruner(settings, epochs))
     two = optuna.create_study(directions=["minimize", "maximize"])
     by_optuna, by_rule = [], []
     for curve in curves:
@@ -192,13 +215,15 @@ def test_the_two_objective_rule_prunes_where_optunas_median_pruner_does() -> Non
         by_optuna.append(stopped)
 
         trial, stopped = two.ask(), epochs
-        judge = EpochJudge(trial, two, settings, ["minimize", "maximize"], "val/loss", epochs)
+        judge = EpochJudge(trial, two, settings, ["minimize", "maximize"], epochs)
         try:
             for epoch, value in enumerate(curve, 1):
-                judge(epoch, {"val/loss": value}, None)
+                # The other objective moves the opposite way: only the judged one counts.
+                judge(epoch, {judged: value, other: -value}, None)
         except Pruned as exc:
             stopped = exc.epoch
-        assert trial.user_attrs[CURVE_ATTR] == curve[:stopped]
+        assert trial.user_attrs[curve_attr(judged)] == curve[:stopped]
+        assert trial.user_attrs[curve_attr(other)] == [-v for v in curve[:stopped]]
         if stopped < epochs:
             two.tell(trial, state=TrialState.PRUNED)
         else:

@@ -145,6 +145,7 @@ class TrainConfig:
     sweep_pruner_startup_trials: int = _changes(SWEEP, 3)
     sweep_pruner_warmup_epochs: int = _changes(SWEEP, 1)
     sweep_pruner_percentile: float = _changes(SWEEP, 50.0)
+    sweep_pruner_objective: str | None = _changes(SWEEP, None)
 
     def __post_init__(self) -> None:
         _device_from_seed_keys(self)

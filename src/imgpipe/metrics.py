@@ -13,6 +13,8 @@ from imgpipe.errors import PipelineError
 # are logged at that step): model selection (a sweep) looks at val only, so test stays unbiased.
 METRIC_NAMES = ("train/loss", "train/accuracy", "val/loss", "val/accuracy")
 TEST_METRIC_NAMES = ("test/loss", "test/accuracy")
+# What a sweep optimises, in the order of its values (TrainResult.objectives): never test.
+OBJECTIVE_NAMES = ("val/loss", "val/accuracy")
 
 
 class TrainingDiverged(PipelineError):

@@ -4,19 +4,21 @@
 
 - ``none`` (the default): every trial trains all its epochs.
 - ``median`` / ``percentile``: after epoch e (e > ``sweep_pruner_warmup_epochs``, once
-  ``sweep_pruner_startup_trials`` trials are COMPLETE), a trial whose best first objective
-  so far is worse than the median (``percentile``: the ``sweep_pruner_percentile``-th
-  percentile, as Optuna's ``PercentilePruner`` counts it) of the complete trials' first
-  objective at epoch e is pruned.
+  ``sweep_pruner_startup_trials`` trials are COMPLETE), a trial whose best value so far of
+  the judged objective is worse than the median (``percentile``: the
+  ``sweep_pruner_percentile``-th percentile, as Optuna's ``PercentilePruner`` counts it) of
+  the complete trials' value at epoch e is pruned.
 - ``hyperband``: Optuna's Hyperband over epochs (one objective only).
 
-One objective: Optuna's own pruner, through ``Trial.report`` / ``Trial.should_prune``
-(intermediate values survive a retry: the retry callback inherits them).
-Two objectives: Optuna's ``report`` refuses multi-objective studies, so the rule above is
-applied here, on the first objective, to the per-epoch values every trial keeps in its
-user attribute ``first_objective_by_epoch`` (a list; copied to a retried trial with the
-other user attributes, so a resumed trial is judged on its whole history). Hyperband keeps
-its own brackets on the trial and cannot follow that rule: it is refused with one line.
+The judged objective is ``sweep_pruner_objective``: the study's first (val loss) unless it
+names another (``val/accuracy``, judged in its own direction). One objective: Optuna's own
+pruner, through ``Trial.report`` / ``Trial.should_prune`` (intermediate values survive a
+retry: the retry callback inherits them). Two objectives: Optuna's ``report`` refuses
+multi-objective studies, so the rule above is applied here, to the per-epoch values every
+trial keeps in its user attributes (``val_loss_by_epoch``, ``val_accuracy_by_epoch``: lists,
+copied to a retried trial with the other user attributes, so a resumed trial is judged on
+its whole history). Hyperband keeps its own brackets on the trial and cannot follow that
+rule: it is refused with one line.
 
 A pruned trial is PRUNED in the study and counts toward ``n_trials``; it never enters
 the Pareto front or the champion (those look at COMPLETE trials only); its MLflow run
@@ -31,11 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from imgpipe.errors import PipelineError
+from imgpipe.metrics import OBJECTIVE_NAMES
 from imgpipe.sweep.resilience import note, retrying
 
 PRUNERS = ("none", "median", "percentile", "hyperband")
 SINGLE_OBJECTIVE_ONLY = ("hyperband",)
-CURVE_ATTR = "first_objective_by_epoch"
 EPOCHS_ATTR = "epochs_trained"
 PRUNED_ATTR = "pruned_at_epoch"
 
@@ -46,10 +48,16 @@ class PrunerSettings:
     startup_trials: int = 3
     warmup_epochs: int = 1
     percentile: float = 50.0
+    objective: str = OBJECTIVE_NAMES[0]
 
     @property
     def active(self) -> bool:
         return self.name != "none"
+
+
+def curve_attr(objective: str) -> str:
+    """The user attribute holding a trial's per-epoch values of ``objective``."""
+    return objective.replace("/", "_") + "_by_epoch"
 
 
 def pruner_settings(base: Mapping[str, Any], directions: list[str]) -> PrunerSettings:
@@ -59,7 +67,14 @@ def pruner_settings(base: Mapping[str, Any], directions: list[str]) -> PrunerSet
         startup_trials=int(base.get("sweep_pruner_startup_trials", 3)),
         warmup_epochs=int(base.get("sweep_pruner_warmup_epochs", 1)),
         percentile=float(base.get("sweep_pruner_percentile", 50.0)),
+        objective=str(base.get("sweep_pruner_objective") or OBJECTIVE_NAMES[0]),
     )
+    judged = OBJECTIVE_NAMES[: len(directions)]
+    if found.objective not in judged:
+        raise PipelineError(
+            f"config key 'sweep_pruner_objective': {found.objective!r} is not an objective "
+            f"of this study ({', '.join(judged)})"
+        )
     if found.name not in PRUNERS:
         raise PipelineError(
             f"config key 'sweep_pruner': {found.name!r} is not one of {', '.join(PRUNERS)}"
@@ -68,7 +83,7 @@ def pruner_settings(base: Mapping[str, Any], directions: list[str]) -> PrunerSet
         raise PipelineError(
             f"sweep_pruner={found.name} keeps its own state per trial and cannot prune a "
             f"study with {len(directions)} objectives; use median or percentile (the rule "
-            "on the first objective), or hydra.sweeper.direction with one objective"
+            "on one objective), or hydra.sweeper.direction with one objective"
         )
     if not 0 <= found.percentile <= 100:
         raise PipelineError(
@@ -126,8 +141,8 @@ def percentile_rule(
 
 class EpochJudge:
     """The hook ``train`` calls after every epoch of a trial: records the epoch on the trial
-    (``epochs_trained``, the first objective's curve) and raises ``Pruned`` when the rule
-    says so. The last epoch is never pruned: the trial is complete by then."""
+    (``epochs_trained``, each objective's curve) and raises ``Pruned`` when the rule says
+    so. The last epoch is never pruned: the trial is complete by then."""
 
     def __init__(
         self,
@@ -135,35 +150,39 @@ class EpochJudge:
         study: Any,
         settings: PrunerSettings,
         directions: list[str],
-        objective: str,
         epochs: int,
     ) -> None:
         self.trial = trial
         self.study = study
         self.settings = settings
-        self.directions = directions
-        self.objective = objective
         self.epochs = epochs
-        self.curve: list[float | None] = list(trial.user_attrs.get(CURVE_ATTR) or [])
+        self.judged = settings.objective
+        self.direction = directions[OBJECTIVE_NAMES.index(self.judged)]
+        self.curves: dict[str, list[float | None]] = {
+            name: list(trial.user_attrs.get(curve_attr(name)) or [])
+            for name in OBJECTIVE_NAMES[: len(directions)]
+        }
+        self.single = len(directions) == 1
 
     def __call__(self, epoch: int, metrics: Mapping[str, float], run_id: str | None) -> None:
-        value = float(metrics[self.objective])
-        self.curve += [None] * (epoch - len(self.curve))
-        self.curve[epoch - 1] = value
-        note(self.trial, CURVE_ATTR, self.curve)
+        for name, curve in self.curves.items():
+            curve += [None] * (epoch - len(curve))
+            curve[epoch - 1] = float(metrics[name])
+            note(self.trial, curve_attr(name), curve)
         note(self.trial, EPOCHS_ATTR, epoch)
         if not self.settings.active or epoch >= self.epochs:
             return
-        if len(self.directions) == 1:
+        if self.single:
+            value = self.curves[self.judged][epoch - 1]
             retrying(lambda: self.trial.report(value, epoch), what="reporting an epoch")
             prune = retrying(self.trial.should_prune, what="asking the pruner")
         else:
-            prune = self._first_objective_rule(epoch)
+            prune = self._percentile_rule(epoch)
         if prune:
             note(self.trial, PRUNED_ATTR, epoch)
             raise Pruned(epoch, run_id)
 
-    def _first_objective_rule(self, epoch: int) -> bool:
+    def _percentile_rule(self, epoch: int) -> bool:
         from optuna.trial import TrialState
 
         if epoch <= self.settings.warmup_epochs:
@@ -174,11 +193,11 @@ class EpochJudge:
         )
         if len(complete) < max(1, self.settings.startup_trials):
             return False
+        attr = curve_attr(self.judged)
         others = [
             curve[epoch - 1]
             for t in complete
-            if len(curve := t.user_attrs.get(CURVE_ATTR) or []) >= epoch
-            and curve[epoch - 1] is not None
+            if len(curve := t.user_attrs.get(attr) or []) >= epoch and curve[epoch - 1] is not None
         ]
         if not others:
             return False
@@ -186,9 +205,9 @@ class EpochJudge:
 
         # The trial's best so far, NaN only when every epoch was: then it is pruned, as
         # Optuna's PercentilePruner does (np.nanmax/nanmin, its own arithmetic).
-        mine = np.array([v for v in self.curve[:epoch] if v is not None], dtype=float)
+        mine = np.array([v for v in self.curves[self.judged][:epoch] if v is not None], dtype=float)
         if np.isnan(mine).all():
             return True
-        best = float(np.nanmax(mine) if self.directions[0] == "maximize" else np.nanmin(mine))
+        best = float(np.nanmax(mine) if self.direction == "maximize" else np.nanmin(mine))
         share = 50.0 if self.settings.name == "median" else self.settings.percentile
-        return percentile_rule(best, others, self.directions[0], share)
+        return percentile_rule(best, others, self.direction, share)

@@ -8,8 +8,9 @@ from typing import Any
 
 from imgpipe.atomic import atomic_dir
 from imgpipe.errors import PipelineError
+from imgpipe.metrics import OBJECTIVE_NAMES
 from imgpipe.sweep.pruning import EPOCHS_ATTR
-from imgpipe.sweep.settings import OBJECTIVE_NAMES, TEST_NAMES, SweepSettings
+from imgpipe.sweep.settings import TEST_NAMES, SweepSettings
 
 # The results folder, in the order write_results writes it.
 RESULT_FILES = ("optimization_results.yaml", "best_params.yaml", "trials.csv", "pareto_front.png")

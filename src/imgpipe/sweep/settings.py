@@ -13,12 +13,12 @@ from imgpipe.compose import compose_stage
 from imgpipe.config import TrainConfig, result_keys, to_schema
 from imgpipe.cpus import available_cpus
 from imgpipe.errors import PipelineError
+from imgpipe.metrics import TEST_METRIC_NAMES
 from imgpipe.sweep.pruning import PrunerSettings, pruner_settings
 
-# What a trial returns, in order: validation metrics. Test is measured once per trial and
+# A trial returns its OBJECTIVE_NAMES (validation). Test is measured once per trial and
 # only reported (user attrs, the parent run), so the chosen trial's test score is unbiased.
-OBJECTIVE_NAMES = ("val/loss", "val/accuracy")
-TEST_NAMES = ("test/loss", "test/accuracy")
+TEST_NAMES = TEST_METRIC_NAMES
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/imgpipe
 
 # The keys that change what a trial computes; paths and tracking settings do not,

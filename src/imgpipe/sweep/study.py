@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.errors import PipelineError
+from imgpipe.metrics import OBJECTIVE_NAMES
 from imgpipe.redact import redact_text, redact_url
-from imgpipe.sweep.settings import OBJECTIVE_NAMES, SweepSettings
+from imgpipe.sweep.settings import SweepSettings
 from imgpipe.tracking.parent import open_parent_run
 from imgpipe.tracking.store import HPTUNING_TAG_ENV
 

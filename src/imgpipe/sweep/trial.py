@@ -15,7 +15,7 @@ from imgpipe.config import TrainConfig, to_schema
 from imgpipe.errors import PipelineError
 from imgpipe.sweep.pruning import EpochJudge, Pruned
 from imgpipe.sweep.resilience import StorageUnreachable, note, retrying
-from imgpipe.sweep.settings import OBJECTIVE_NAMES, SweepSettings, applies
+from imgpipe.sweep.settings import SweepSettings, applies
 from imgpipe.sweep.study import counts_towards_n_trials, fail_and_retry, worker_identity
 
 log = logging.getLogger(__package__)  # the sweep's lines read "imgpipe.sweep: ..."
@@ -134,9 +134,7 @@ def _train_trial(trial, settings: SweepSettings, study, space: dict[str, Any], i
     params = draw_params(trial, space, settings.base)
     cfg = _trial_config(settings, retrying(lambda: frozen(study, trial.number)), params)
     log.info("trial %d (worker %d): %s", trial.number, index, params)
-    judge = EpochJudge(
-        trial, study, settings.pruner, settings.directions, OBJECTIVE_NAMES[0], cfg.epochs
-    )
+    judge = EpochJudge(trial, study, settings.pruner, settings.directions, cfg.epochs)
     return train(
         cfg,
         parent_run_id=settings.parent_run_id,
