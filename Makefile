@@ -96,6 +96,12 @@ UV_INSTALL = { test -x $(PY) || $(UV) venv --quiet --seed --python $(PYTHON) $(V
 PIP_INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } \
   && { $(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip --default-pip >/dev/null; } \
   && $(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' -c requirements.lock
+# Python compiles a module's source again on every import when it may not write the
+# bytecode beside it (PYTHONDONTWRITEBYTECODE, common in CI and container set-ups): seconds
+# of CPU in every process for torch and MLflow alone. There the environment's packages are
+# compiled once, here (bench/NOTES.md, "Set-up with uv"); elsewhere Python writes it on the
+# first import. COMPILE_BYTECODE=1 or 0 decides instead.
+COMPILE_BYTECODE ?= $(if $(PYTHONDONTWRITEBYTECODE),1,0)
 $(DEPS_STAMP):
 	@test -n "$(PYTHON)" || { echo "error: python3.11 not found on PATH" >&2; exit 1; }
 	@echo "Installing dependencies into $(VENV) (first run only)..."
@@ -104,6 +110,10 @@ $(DEPS_STAMP):
 	else \
 	  echo "$${why:-INSTALLER=$(INSTALLER)}: installing with pip instead" >&2; \
 	  $(PIP_INSTALL); \
+	fi
+	@if [ "$(COMPILE_BYTECODE)" = 1 ]; then \
+	  echo "Compiling the environment's bytecode once (PYTHONDONTWRITEBYTECODE: no import may write it)..."; \
+	  $(PY) -m compileall -q -j 0 "$$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))")" >/dev/null 2>&1 || true; \
 	fi
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
 	  $(BIN)/pre-commit install >/dev/null || echo "warning: git hook not installed (pre-commit install failed)" >&2; \

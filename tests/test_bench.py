@@ -131,9 +131,16 @@ def test_predict_bench_smoke_produces_every_row(tmp_path: Path) -> None:
     rows = smoke_rows("predict", "predict", tmp_path, timeout=900)
     measures = " ".join(row[0] for row in rows)
     for expected in (
-        "imgpipe predict (make predict, start-up included) / bare loop",
-        "predict_folder (the stage's work, no start-up) / bare loop",
-        "imgpipe predict / one image at a time",
+        *(
+            f"{name} / {baseline}, {size}x{size}"
+            for name in (
+                "imgpipe predict (make predict, start-up included)",
+                "predict_folder (the stage's work, no start-up)",
+            )
+            for baseline in ("bare loop", "one image at a time")
+            for size in (28, 8)
+        ),
+        "imgpipe predict's fixed cost (its seconds less the stage's), 8x8",
         "make serve: process start to /ready 200",
         "make serve, 1 client, keep-alive: /predict p50 / p99",
         "make serve, 8 clients: /predict / /health (no-op) requests/s",

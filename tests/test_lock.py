@@ -14,6 +14,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -230,6 +231,27 @@ def test_setup_with_uv_installs_the_project_into_a_new_venv(tmp_path: Path) -> N
     # A second `make setup` with the same files installs nothing.
     again = make("setup", copy, f"VENV={venv}")
     assert again.returncode == 0 and "Installing" not in again.stdout, again.stdout
+
+
+@pytest.mark.parametrize("forbidden", [True, False], ids=["no-bytecode-writes", "default"])
+def test_setup_compiles_bytecode_once_where_no_import_may_write_it(
+    tmp_path: Path, forbidden: bool
+) -> None:
+    """With PYTHONDONTWRITEBYTECODE set, every import would compile its module's source
+    again: `make setup` leaves the venv's bytecode in place, and imports read it. Where
+    Python may write it on the first import, set-up leaves that to Python."""
+    copy = tiny_project(tmp_path)
+    venv = tmp_path / "venv"
+    env = {"PYTHONDONTWRITEBYTECODE": "1" if forbidden else ""}
+    result = make("setup", copy, f"VENV={venv}", "SETUP=", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert ("Compiling the environment's bytecode once" in result.stdout) == forbidden
+    find = "import importlib.util; print(importlib.util.find_spec('pip').cached)"  # no import
+    cached = subprocess.run(
+        [venv / "bin" / "python", "-c", find],
+        capture_output=True, text=True, check=True, env={**os.environ, **env},
+    ).stdout.strip()  # fmt: skip
+    assert Path(cached).is_file() == forbidden, cached
 
 
 def test_setup_without_uv_falls_back_to_pip_with_one_line(tmp_path: Path) -> None:
