@@ -100,7 +100,8 @@ PIP_INSTALL = { test -x $(PY) || $(PYTHON) -m venv $(VENV); } \
 # bytecode beside it (PYTHONDONTWRITEBYTECODE, common in CI and container set-ups): seconds
 # of CPU in every process for torch and MLflow alone. There the environment's packages are
 # compiled once, here (bench/NOTES.md, "Set-up with uv"); elsewhere Python writes it on the
-# first import. COMPILE_BYTECODE=1 or 0 decides instead.
+# first import. COMPILE_BYTECODE=1 or 0 decides instead. A file that does not compile (some
+# packages ship templates or another Python's code) is left as it was, as an import would.
 COMPILE_BYTECODE ?= $(if $(PYTHONDONTWRITEBYTECODE),1,0)
 $(DEPS_STAMP):
 	@test -n "$(PYTHON)" || { echo "error: python3.11 not found on PATH" >&2; exit 1; }

@@ -254,6 +254,29 @@ def test_setup_compiles_bytecode_once_where_no_import_may_write_it(
     assert Path(cached).is_file() == forbidden, cached
 
 
+def test_a_package_file_that_does_not_compile_leaves_setup_and_the_rest_whole(
+    tmp_path: Path,
+) -> None:
+    """compileall fails for a file of invalid syntax (packages ship such templates): set-up
+    still ends well, and every other module has its bytecode."""
+    copy = tiny_project(tmp_path)
+    venv = tmp_path / "venv"
+    off = make("setup", copy, f"VENV={venv}", "SETUP=", "COMPILE_BYTECODE=0", timeout=300)
+    assert off.returncode == 0, off.stderr
+    where = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    purelib = Path(
+        subprocess.check_output([venv / "bin" / "python", "-c", where], text=True).strip()
+    )
+    (purelib / "broken_template.py").write_text("def {{ name }}(:\n")
+    for stamp in venv.glob(".deps-*"):
+        stamp.unlink()  # set up again: the same install, now compiled
+    result = make("setup", copy, f"VENV={venv}", "SETUP=", "COMPILE_BYTECODE=1", timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Compiling the environment's bytecode once" in result.stdout
+    assert list((purelib / "pip" / "__pycache__").glob("__init__.cpython-*.pyc"))
+    assert not list(purelib.glob("__pycache__/broken_template.*.pyc"))
+
+
 def test_setup_without_uv_falls_back_to_pip_with_one_line(tmp_path: Path) -> None:
     copy = tiny_project(tmp_path)
     venv = tmp_path / "venv"

@@ -373,3 +373,13 @@ def test_the_sweep_uses_no_private_optuna_or_hydra_api() -> None:
                     ):
                         offenders.append(f"{path.name}:{node.lineno} import {alias.name}")
     assert not offenders, offenders
+
+
+def test_the_sweeps_settings_load_without_torch() -> None:
+    """`make dashboard` reads the sweep's settings (its study, storage and objectives): the
+    objective names it shares with training must not pull in torch (1.5 s here)."""
+    probe = (
+        "import sys, imgpipe.sweep.settings; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -5,9 +5,12 @@ after the last epoch; and the check that stops a run whose loss is no longer a n
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from imgpipe.engine import EpochResult
 from imgpipe.errors import PipelineError
+
+if TYPE_CHECKING:  # names only: the sweep reads this module's names without torch
+    from imgpipe.engine import EpochResult
 
 # Logged every epoch; the test split is evaluated once, after the last epoch (its metrics
 # are logged at that step): model selection (a sweep) looks at val only, so test stays unbiased.
