@@ -34,7 +34,7 @@ def fill(live_dir: Path, images: bool) -> None:
             },
         )
     live.log_confusion_matrix(["a", "b", "b", "c"], ["a", "b", "c", "c"])
-    live.end()
+    live.end().join()  # the images are drawn on a thread: joined as the Tracker does
 
 
 def test_training_ends_with_one_png_per_metric_name_and_the_confusion_matrix(

@@ -373,3 +373,41 @@ def test_dvc_repro_after_a_killed_dvc_repro_resumes(project: Path) -> None:
     rows = (project / "dvclive" / "plots" / "metrics" / "val" / "loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == [str(e) for e in range(1, 7)]
     assert "up to date" in dvc(project, "status", "train").stdout
+
+
+def test_a_run_refused_after_training_began_puts_the_older_checkpoints_back(
+    cfg: TrainConfig, tmp_path: Path
+) -> None:
+    """A fresh training checkpoints without waiting for its MLflow run. When the store
+    refuses the run only after epochs were checkpointed (busy until epoch 2, then the
+    experiment turns out deleted), training stops with one line and the checkpoints of the
+    run before are back, byte for byte, with nothing of the refused run left beside them."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    experiment = "refused-later"
+    before_run = in_dir(cfg, tmp_path / "a", epochs=1)
+    run_to_end(before_run, experiment)
+    models = Path(before_run.model_checkpoint_dir_path)
+    before = {p.name: p.read_bytes() for p in sorted(models.iterdir())}
+    assert {"checkpoint.pt", "checkpoint.prev.pt", "model.pt"} <= set(before)
+    client = MlflowClient(before_run.mlflow_tracking_uri)
+    client.delete_experiment(client.get_experiment_by_name(experiment).experiment_id)
+
+    # Another process holds the store's write lock: the run cannot be made meanwhile.
+    busy = sqlite3.connect(before_run.mlflow_tracking_uri.removeprefix("sqlite:///"))
+    busy.execute("BEGIN EXCLUSIVE")
+    try:
+        proc, lines = start_training(replace(before_run, epochs=30, resume=False), experiment)
+        lines.at("epoch 2/30")  # trained and checkpointed on, without the run
+    finally:
+        busy.rollback()
+        busy.close()
+    assert proc.wait(120) == 2, str(lines)
+    output = lines.wait_closed()
+    (line,) = [x for x in output.splitlines() if x.startswith("error:")]
+    assert f"experiment '{experiment}' is deleted" in line and "restore it" in line, line
+    assert "the checkpoints in" in output and "are back as they were" in output
+    assert "Traceback" not in output
+    assert {p.name: p.read_bytes() for p in sorted(models.iterdir())} == before

@@ -273,6 +273,19 @@ def static_specs(live_dir: Path) -> dict[str, dict[str, Any]]:
     return specs
 
 
+def warm_up_renderer() -> None:
+    """Start vl-convert's Vega engine with a one-point chart: its first render starts the
+    engine, the later ones reuse it (any thread)."""
+    import vl_convert
+
+    spec = {
+        "data": {"values": [{"x": 0}]},
+        "mark": "point",
+        "encoding": {"x": {"field": "x", "type": "quantitative"}},
+    }
+    vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE, scale=1)
+
+
 def draw_images(live_dir: str | os.PathLike[str]) -> list[Path]:
     """PNGs of the curves and the confusion matrix into ``<live_dir>/plots/static``
     (vl-convert renders Vega-Lite in-process: no browser, no network)."""

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgpipe import checkpoint, distributed, stop
+from imgpipe import checkpoint, distributed
 from imgpipe.augment import Augmenter
 from imgpipe.checkpoint import TrainingState
 from imgpipe.config import TRAJECTORY, TrainConfig, result_keys
@@ -131,7 +132,7 @@ def fresh_state(
     return state
 
 
-def save_state(
+def capture_state(
     parts: Trainable,
     generator: torch.Generator,
     augmenter: Augmenter | None,
@@ -139,12 +140,11 @@ def save_state(
     epoch: int,
     train_count: int,
     cfg: TrainConfig,
-    run_id: str | None,
     group: Group,
 ) -> TrainingState:
-    """Checkpoint after ``epoch``: the state as it is now (every rank's RNG, the
-    augmenter's included), filed under the run by rank 0: its id when known (``run_id``,
-    else the one resumed), always its key. Returns that state."""
+    """The state after ``epoch`` (every rank's RNG, the augmenter's included), with the
+    run's key and, on resume, its id. Every rank of a group calls this together (the RNGs
+    are gathered); ``Checkpoints`` writes rank 0's."""
     steps_per_epoch = -(-train_count // cfg.train_bs)
     now = TrainingState.capture(
         parts,
@@ -155,34 +155,104 @@ def save_state(
         fingerprint=state.fingerprint,
         config=state.config,
     )
-    now.run_id = run_id or state.run_id
+    now.run_id = state.run_id
     now.run_key = state.run_key
     keep_augmenter(now, augmenter)
     distributed.gather_rngs(now, group)
-    if group.main:
-        now.save(cfg.model_checkpoint_dir_path, keep_previous=True)
     return now
 
 
-class LastCheckpoint:
-    """The newest checkpoint this process wrote. A checkpoint written while the MLflow run
-    was still being made carries only the run's key; on the way out (the training's end or
-    a stop) it is filed under the run's id once that is known, so the checkpoint a training
-    leaves names its run."""
+class Checkpoints:
+    """The checkpoints a training writes (rank 0 alone), filed under its MLflow run.
 
-    def __init__(self) -> None:
-        self.state: TrainingState | None = None
+    A fresh training's first checkpoint drops the files of the run before it. Where its
+    MLflow run is still being made then (a new store's migrations, a busy server), training
+    does not wait for it: the older files are set aside (``.<name>.before.tmp``) and the new
+    checkpoints carry the run's key alone (a resume finds the run by it). Once the run
+    exists the older files go; when it never comes to exist (HTTP 403, an unusable
+    experiment) the new checkpoints go and the older files are put back, so a refused run
+    leaves the folder as it found it.
+
+    On the way out, the newest checkpoint written before its run's id was known is filed
+    under the id."""
+
+    def __init__(self, tracker: Any, directory: str | Path, main: bool) -> None:
+        self.tracker = tracker
+        self.directory = Path(directory)
+        self.main = main
+        self.last: TrainingState | None = None  # the newest written
+        self._fresh = False  # the next write is a fresh training's first
+        self._unsettled = False  # written before the fresh training's run was made
+        self._set_aside: list[tuple[Path, Path]] = []  # (aside, where it was)
+
+    def begin(self, initial: TrainingState) -> None:
+        """A fresh training's epoch 0, after its first epoch."""
+        self._fresh = True
+        if self.main and self.tracker.starting():
+            checkpoint.remove_stale_temps(self.directory)
+            self._set_aside_older()
+            self._unsettled = True
+        self.add(initial)
+
+    def add(self, state: TrainingState) -> None:
+        """Write ``state`` as the newest checkpoint (under the run's id once it is known);
+        a refusal of the fresh training's run is raised instead."""
+        if not self.main:
+            return
+        if (self._fresh or self._unsettled) and not self.tracker.starting():
+            self.tracker.wait()  # made, or what refused it is raised here: nothing written
+            self._settle()
+        state.run_id = state.run_id or self.tracker.run_id
+        state.save(self.directory, keep_previous=not self._fresh)
+        self._fresh = False
+        self.last = state
 
     @contextlib.contextmanager
-    def filed_under(self, tracker: Any, directory: str | Path, main: bool) -> Iterator[None]:
+    def filed(self) -> Iterator[None]:
+        """Around the training, outside its tracker: the run has ended (or never began)."""
         try:
             yield
-        except stop.Stopped:
-            self._file(tracker.run_id, directory, main)
+        except BaseException:
+            self._settle()
+            with contextlib.suppress(PipelineError):  # the error being raised stands
+                self._file_last()
             raise
-        self._file(tracker.run_id, directory, main)
+        self._settle()
+        self._file_last()
 
-    def _file(self, run_id: str | None, directory: str | Path, main: bool) -> None:
-        if main and self.state is not None and self.state.run_id is None and run_id:
-            self.state.run_id = run_id
-            self.state.save(directory, keep_previous=True)
+    def _set_aside_older(self) -> None:
+        for name in (checkpoint.CHECKPOINT_FILE, checkpoint.PREVIOUS_FILE):
+            where = self.directory / name
+            if where.exists():
+                aside = self.directory / f".{name}.before.tmp"
+                os.replace(where, aside)
+                self._set_aside.append((aside, where))
+
+    def _settle(self) -> None:
+        """The run exists: the older files go. It never came to be: they come back."""
+        if not self._unsettled:
+            return
+        self._unsettled = False
+        made = self.tracker.run_id is not None
+        if not made:
+            for name in (checkpoint.CHECKPOINT_FILE, checkpoint.PREVIOUS_FILE):
+                (self.directory / name).unlink(missing_ok=True)
+            self.last = None
+        for aside, where in self._set_aside:
+            if made:
+                aside.unlink(missing_ok=True)
+            else:
+                os.replace(aside, where)
+        self._set_aside = []
+        if not made:
+            log.warning(
+                "the MLflow run was not made: the checkpoints in %s are back as they were "
+                "before this training",
+                self.directory,
+            )
+
+    def _file_last(self) -> None:
+        last = self.last
+        if self.main and last is not None and last.run_id is None and self.tracker.run_id:
+            last.run_id = self.tracker.run_id
+            last.save(self.directory, keep_previous=True)

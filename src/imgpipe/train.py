@@ -180,15 +180,14 @@ def _train(
     tracker = (
         Tracker(cfg.live_dir_path, spec, images=cfg.live_images) if group.main else SilentTracker()
     )
-    last = resume.LastCheckpoint()  # filed under the run on the way out (tracker ends first)
-    with run_named(tracker), last.filed_under(tracker, ckpt_dir, group.main), tracker:
+    # Epoch 0 (the initial state) is checkpointed after the first epoch, without waiting for
+    # the MLflow run (made meanwhile): a run refused later (HTTP 403, an unusable experiment)
+    # puts the older checkpoints back (resume.Checkpoints). Checkpoints carry the run's key
+    # too: `imgpipe sync` and a resume find the run by it when a checkpoint lacks the id.
+    saved = resume.Checkpoints(tracker, ckpt_dir, group.main)
+    with run_named(tracker), saved.filed(), tracker:
         if resumed:
             tracker.replay(state.history)
-        # Epoch 0 (the initial state) is saved after the first epoch, once the MLflow run
-        # (made while that epoch trained) exists: a refused run (HTTP 403, an unusable
-        # experiment) stops training before it leaves a checkpoint or drops an older one.
-        # Checkpoints carry the run's key too: `imgpipe sync` and a resume find the run by
-        # it when a checkpoint lacks the id.
         initial = None if resumed else state
         metrics = dict(state.history[-1]["metrics"]) if state.history else {}
         first_step_s = fit_s = epochs_s = 0.0
@@ -225,16 +224,16 @@ def _train(
                 tested, predicted = evaluate(net, test_split, cfg.test_bs, cfg.bf16, **share)
                 metrics |= final_metrics(tested)
             if epoch == first_epoch:
-                on_first_epoch(tracker, initial, ckpt_dir, cfg, first_epoch, resumed, group)
-                last.state = initial
+                on_first_epoch(tracker, initial, saved, cfg, first_epoch, resumed, group)
             tracker.log_epoch(epoch, metrics)
             state.history.append({"epoch": epoch, "metrics": metrics})
             log_epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t0)
             if epoch % cfg.model_checkpoint_interval == 0 or epoch == cfg.epochs:
-                last.state = resume.save_state(
-                    parts, generator, augmenter, state, epoch, len(train_split), cfg,
-                    tracker.run_id, group,
-                )  # fmt: skip
+                saved.add(
+                    resume.capture_state(
+                        parts, generator, augmenter, state, epoch, len(train_split), cfg, group
+                    )
+                )
             epochs_s += time.perf_counter() - t0
             if on_epoch is not None and group.main:
                 on_epoch(epoch, metrics, tracker.run_id)
@@ -291,22 +290,19 @@ def run_spec(
 
 
 def on_first_epoch(
-    tracker: Tracker,
+    tracker: Tracker | SilentTracker,
     initial: TrainingState | None,
-    ckpt_dir: Path,
+    saved: resume.Checkpoints,
     cfg: TrainConfig,
     first_epoch: int,
     resumed: bool,
     group: Group,
 ) -> None:
-    """Save epoch 0 under its MLflow run (waited for, when the first epoch was shorter than
-    the run's making; what refused it is raised here), tag the run."""
+    """Epoch 0 of a fresh training to its checkpoints (``resume.Checkpoints``), tag the
+    run."""
     if initial is not None:
-        initial.run_id = tracker.wait() if group.main else None
         distributed.gather_rngs(initial, group)
-        # A fresh run drops the old run's checkpoints only with its own first one.
-        if group.main:
-            initial.save(ckpt_dir, keep_previous=False)
+        saved.begin(initial)
     tracker.set_tags({"world_size": str(group.world)})
     if resumed:
         tracker.set_tags({"resumed_at_epoch": str(first_epoch), "epochs_total": str(cfg.epochs)})

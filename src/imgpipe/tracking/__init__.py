@@ -74,6 +74,7 @@ class Tracker:
 
     @metered
     def __enter__(self) -> Tracker:
+        self._live.prepare()
         if self._run is not None:
             self._run.start()
         return self
@@ -85,21 +86,28 @@ class Tracker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._live.end()
-        if self._run is None:
-            return
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, (KeyboardInterrupt, Stopped)):
-            status = "KILLED"
-        else:
-            status = "FAILED"
-        self._run.end(status)
+        drawing = self._live.end()  # the images are drawn while the run ends
+        try:
+            if self._run is None:
+                return
+            if exc_type is None:
+                status = "FINISHED"
+            elif issubclass(exc_type, (KeyboardInterrupt, Stopped)):
+                status = "KILLED"
+            else:
+                status = "FAILED"
+            self._run.end(status)
+        finally:
+            drawing.join()
 
     @metered
     def wait(self) -> str | None:
         """Block until the MLflow run exists (re-raising what stopped it); return its id."""
         return self._run.wait() if self._run is not None else None
+
+    def starting(self) -> bool:
+        """Whether the MLflow run is still being made (``wait`` would block)."""
+        return self._run is not None and self._run.starting()
 
     @metered
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:

@@ -89,6 +89,17 @@ class MlflowRun:
                 self._create_or_reopen()
             except BaseException as exc:  # re-raised in the training thread by wait()
                 self._start_error = refusal(exc, self.spec.tracking_uri, self.spec.experiment_name)
+                return
+        # What logging the model imports, loaded on a thread of its own while training goes
+        # on: at the end it was most of the training thread's wait for the model.
+        threading.Thread(target=self._load_model_logging, name="mlflow-imports").start()
+
+    def _load_model_logging(self) -> None:
+        with self.cost.background(), contextlib.suppress(Exception):
+            import mlflow.pyfunc  # noqa: F401
+            from mlflow.models import Model  # noqa: F401
+
+            from imgpipe.tracking import model_files  # noqa: F401
 
     def _create_or_reopen(self) -> None:
         import mlflow

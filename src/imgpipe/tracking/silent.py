@@ -29,6 +29,9 @@ class SilentTracker:
     def wait(self) -> str | None:
         return None
 
+    def starting(self) -> bool:
+        return False
+
     def replay(self, history: Sequence[Mapping[str, Any]]) -> None:
         pass
 

@@ -211,6 +211,13 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     prepare_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage != "active":
+        # MLflow keeps a deleted experiment's name (and refuses runs into it) until gc.
+        raise PipelineError(
+            f"MLflow store {redact_url(tracking_uri)}: experiment {name!r} is deleted; "
+            f"restore it (mlflow experiments restore --experiment-id {found.experiment_id}) "
+            "or set mlflow_exp_name to another name"
+        )
     if found is not None:
         return found.experiment_id
     location = None
