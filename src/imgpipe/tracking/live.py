@@ -24,12 +24,18 @@ class LiveLog:
         self.images = images
         self._live: Any = None
         self._preparing: threading.Thread | None = None
+        self._imported = threading.Event()
+        self._imported.set()  # until ``prepare``
 
     def prepare(self) -> None:
-        self._preparing = threading.Thread(target=_warm_up, args=(self.images,), daemon=True)
+        self._imported.clear()
+        self._preparing = threading.Thread(
+            target=_warm_up, args=(self.images, self._imported), name="dvclive-load"
+        )
         self._preparing.start()
 
     def _prepared(self) -> None:
+        """The renderer started too (the images are next)."""
         if self._preparing is not None:
             self._preparing.join()
             self._preparing = None
@@ -37,7 +43,7 @@ class LiveLog:
     @property
     def live(self) -> Any:
         if self._live is None:
-            self._prepared()
+            self._imported.wait()  # two threads importing one package may see it half-made
             from dvclive import Live
 
             # dvcyaml=None: dvc.yaml declares metrics and plots itself; dvclive must not
@@ -112,14 +118,18 @@ class Drawing:
             raise error
 
 
-def _warm_up(images: bool) -> None:
-    """Import what dvclive's first use imports and start vl-convert's Vega engine (its first
-    render is the slow one). A failure here is left for the training thread to meet."""
-    with contextlib.suppress(Exception):
-        import dvc.repo
-        import dvc.scm  # noqa: F401
-        import dvclive.live  # noqa: F401
-        from dvclive.dvc import get_dvc_repo  # noqa: F401
+def _warm_up(images: bool, imported: threading.Event) -> None:
+    """Import what dvclive's first use imports (``imported`` is set then) and start
+    vl-convert's Vega engine (its first render is the slow one). A failure here is left for
+    the training thread to meet."""
+    try:
+        with contextlib.suppress(Exception):
+            import dvc.repo
+            import dvc.scm  # noqa: F401
+            import dvclive.live  # noqa: F401
+            from dvclive.dvc import get_dvc_repo  # noqa: F401
+    finally:
+        imported.set()
     if images:
         with contextlib.suppress(Exception):
             from imgpipe.plots import warm_up_renderer

@@ -74,6 +74,7 @@ class MlflowRun:
         self._model_thread: threading.Thread | None = None
         self._model_id: str | None = None
         self._model_error: BaseException | None = None
+        self._importing: threading.Thread | None = None  # the model's imports, loading
 
     def start(self) -> None:
         """Create or reopen the run on a thread: the first epoch trains meanwhile (torch
@@ -91,8 +92,15 @@ class MlflowRun:
                 self._start_error = refusal(exc, self.spec.tracking_uri, self.spec.experiment_name)
                 return
         # What logging the model imports, loaded on a thread of its own while training goes
-        # on: at the end it was most of the training thread's wait for the model.
-        threading.Thread(target=self._load_model_logging, name="mlflow-imports").start()
+        # on: at the end it was most of the training thread's wait for the model. Later
+        # MLflow imports wait for it (``_imports_loaded``): two threads importing MLflow's
+        # modules at once may see one half-made (bench/NOTES.md).
+        self._importing = threading.Thread(target=self._load_model_logging, name="mlflow-load")
+        self._importing.start()
+
+    def _imports_loaded(self) -> None:
+        if self._importing is not None:
+            self._importing.join()
 
     def _load_model_logging(self) -> None:
         with self.cost.background(), contextlib.suppress(Exception):
@@ -176,6 +184,7 @@ class MlflowRun:
             if self._start_error is not None:
                 raise self._start_error
             if self.spec.autolog or self.spec.system_metrics:
+                self._imports_loaded()  # autolog imports MLflow's flavors
                 import mlflow
 
                 mlflow.set_tracking_uri(self.spec.tracking_uri)
@@ -254,6 +263,7 @@ class MlflowRun:
         self._model_thread.start()
 
     def _log_model_guarded(self) -> None:
+        self._imports_loaded()
         with self.cost.background():
             try:
                 assert self._model_file is not None
