@@ -411,3 +411,47 @@ def test_a_run_refused_after_training_began_puts_the_older_checkpoints_back(
     assert "the checkpoints in" in output and "are back as they were" in output
     assert "Traceback" not in output
     assert {p.name: p.read_bytes() for p in sorted(models.iterdir())} == before
+
+
+def test_a_stop_files_the_checkpoint_it_wrote_not_the_weights_it_moved_to(tmp_path: Path) -> None:
+    """The newest checkpoint, written while the MLflow run was still being made, is filed
+    under the run's id when training stops halfway through the next epoch. What is filed is
+    that checkpoint (its epoch's weights, read back), never the weights the stopped epoch
+    had moved to since: a resume from it must continue from where the epoch began."""
+    import signal
+    import sqlite3
+
+    import torch
+
+    from imgpipe import resume
+    from imgpipe.checkpoint import TrainingState
+    from imgpipe.stop import Stopped
+    from imgpipe.tracking import RunSpec, Tracker
+
+    store = empty_store(tmp_path / "store" / "mlflow.db")
+    models = tmp_path / "models"
+    spec = RunSpec(
+        tracking_uri=f"sqlite:///{store}", experiment_name="e", run_name="r", run_key="key-1"
+    )
+    net = torch.nn.Linear(3, 2)
+    busy = sqlite3.connect(store)  # the store is busy: the run is made only once it is free
+    busy.execute("BEGIN EXCLUSIVE")
+    tracker = Tracker(tmp_path / "dvclive", spec, images=False)
+    saved = resume.Checkpoints(tracker, models, main=True)
+    with pytest.raises(Stopped), saved.filed(), tracker:
+        state = TrainingState(
+            epoch=2, global_step=8, fingerprint="f", config={}, model=net.state_dict(),
+            optimizer={}, scheduler={}, rng={}, run_key="key-1",
+        )  # fmt: skip
+        saved.add(state)
+        assert tracker.starting(), "the run was made before the checkpoint: nothing tested"
+        written = net.weight.detach().clone()
+        with torch.no_grad():
+            net.weight.add_(1.0)  # half of epoch 3 ...
+        busy.rollback()
+        raise Stopped(signal.SIGTERM, " after epoch 2")  # ... then the stop
+    busy.close()
+    filed = checkpoint.load(models / "checkpoint.pt")
+    assert filed["mlflow_run_id"] == tracker.run_id is not None
+    assert filed["epoch"] == 2
+    assert torch.equal(filed["model"]["weight"], written)

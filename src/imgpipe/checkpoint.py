@@ -221,6 +221,24 @@ def load(path: str | os.PathLike[str]) -> dict[str, Any]:
     return torchfile.load(path, what="model" if Path(path).name == MODEL_FILE else "checkpoint")
 
 
+def name_run(
+    directory: str | os.PathLike[str], run_id: str, run_key: str | None, epoch: int
+) -> bool:
+    """Record ``run_id`` in the newest checkpoint when it is ``epoch``'s of the run with
+    ``run_key``, written before the run's id was known. The file is read back rather than
+    the state kept in memory, whose tensors are the live ones (an epoch stopped halfway has
+    changed them since), and replaced in place: the previous file stays the fallback."""
+    path = Path(directory) / CHECKPOINT_FILE
+    state = load(path)
+    if state.get("mlflow_run_id") or state.get("mlflow_run_key") != run_key:
+        return False
+    if state.get("epoch") != epoch:
+        return False
+    state["mlflow_run_id"] = run_id
+    torchfile.save(state, path)
+    return True
+
+
 def remove_stale_temps(directory: str | os.PathLike[str]) -> None:
     """Delete temp files a killed process left behind (they would end up in DVC's cache)."""
     for stale in Path(directory).glob(".*.tmp"):

@@ -252,7 +252,6 @@ class Checkpoints:
             )
 
     def _file_last(self) -> None:
-        last = self.last
-        if self.main and last is not None and last.run_id is None and self.tracker.run_id:
-            last.run_id = self.tracker.run_id
-            last.save(self.directory, keep_previous=True)
+        last, run_id = self.last, self.tracker.run_id
+        if self.main and last is not None and last.run_id is None and run_id:
+            checkpoint.name_run(self.directory, run_id, last.run_key, last.epoch)
