@@ -153,7 +153,7 @@ def test_a_live_worker_in_another_pid_namespace_is_never_failed_by_a_neighbour(
     import optuna
     from optuna.trial import TrialState
 
-    from imgpipe.sweep.study import fail_dead_local_trials, worker_identity
+    from imgpipe.sweep.study import IDENTITY_OF, fail_dead_local_trials, worker_identity
 
     other = subprocess.run(
         ["unshare", "--pid", "--fork", sys.executable, "-c", IDENTITY],
@@ -170,10 +170,10 @@ def test_a_live_worker_in_another_pid_namespace_is_never_failed_by_a_neighbour(
     study = optuna.create_study(storage=storage)
     gone = dead_pid()
     neighbour = study.ask()  # alive in its namespace; its pid number is dead here
-    for key, value in (theirs | {"pid": gone}).items():
+    for key, value in (theirs | {"pid": gone, IDENTITY_OF: neighbour.number}).items():
         neighbour.set_user_attr(key, value)
     ours = study.ask()  # a worker of this namespace that died
-    for key, value in (mine | {"pid": gone}).items():
+    for key, value in (mine | {"pid": gone, IDENTITY_OF: ours.number}).items():
         ours.set_user_attr(key, value)
 
     fail_dead_local_trials(study, storage)
@@ -182,6 +182,37 @@ def test_a_live_worker_in_another_pid_namespace_is_never_failed_by_a_neighbour(
     assert states[ours.number] == TrialState.FAIL
     retried = [t for t in study.get_trials() if t.state == TrialState.WAITING]
     assert len(retried) == 1 and retried[0].user_attrs["pid"] == gone
+
+
+def test_a_retry_taken_by_a_live_worker_is_not_judged_by_the_pid_it_inherited(
+    tmp_path: Path,
+) -> None:
+    """A retried trial carries its dead worker's attributes (Optuna's retry copies them)
+    until the worker that takes it records its own. A neighbour looking in between must not
+    fail it again: a rerun's worker crashed so once (`Cannot tell a FAIL trial`)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from imgpipe.sweep.study import fail_dead_local_trials, trial_identity
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage)
+    gone = dead_pid()
+    first = study.ask()
+    for key, value in (trial_identity(first.number) | {"pid": gone}).items():
+        first.set_user_attr(key, value)
+    fail_dead_local_trials(study, storage)  # its worker is gone: failed, its retry queued
+    retry = study.ask()  # taken by a live worker that has not recorded itself yet
+    assert retry.number != first.number and retry.user_attrs["pid"] == gone  # inherited
+
+    fail_dead_local_trials(study, storage)  # a neighbour looks in between
+    assert study.get_trials()[retry.number].state == TrialState.RUNNING
+    for key, value in trial_identity(retry.number).items():  # as run_trial records it
+        retry.set_user_attr(key, value)
+    fail_dead_local_trials(study, storage)
+    assert study.get_trials()[retry.number].state == TrialState.RUNNING
+    study.tell(retry, 1.0)  # the worker that took it tells its end
+    assert study.get_trials()[retry.number].state == TrialState.COMPLETE
 
 
 def test_the_sweeps_parent_run_rides_out_a_tracking_outage(

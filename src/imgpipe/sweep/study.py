@@ -260,6 +260,22 @@ def worker_identity() -> dict[str, Any]:
     }
 
 
+# The trial whose worker the identity attributes describe. A retried trial inherits its dead
+# worker's attributes (Optuna's retry copies them), so until the worker that takes it has
+# recorded itself, its pid is the dead one's: only an identity recorded for this trial
+# number (written last) may judge it.
+IDENTITY_OF = "identity_of_trial"
+
+
+def trial_identity(number: int) -> dict[str, Any]:
+    """What the worker running trial ``number`` records on it, ``IDENTITY_OF`` last."""
+    return worker_identity() | {IDENTITY_OF: number}
+
+
+def _own_identity(trial: Any) -> bool:
+    return trial.user_attrs.get(IDENTITY_OF) == trial.number
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -284,7 +300,7 @@ def orphaned(trial: Any) -> bool:
     lost in a database outage): no worker identity long after it started."""
     import datetime
 
-    if "pid" in trial.user_attrs or trial.datetime_start is None:
+    if _own_identity(trial) or trial.datetime_start is None:
         return False
     age = datetime.datetime.now() - trial.datetime_start  # the storage's naive local time
     return age.total_seconds() > 3 * grace_seconds()
@@ -321,7 +337,11 @@ def fail_dead_local_trials(study, storage) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if orphaned(t) and fail_and_retry(study, storage, t.number):
             log.warning("trial %d was never taken by a worker; queueing it again", t.number)
-        elif died_here(t.user_attrs, me) and fail_and_retry(study, storage, t.number):
+        elif (
+            _own_identity(t)
+            and died_here(t.user_attrs, me)
+            and fail_and_retry(study, storage, t.number)
+        ):
             log.warning(
                 "trial %d: its worker (pid %s) died; retrying it",
                 t.number,

@@ -16,7 +16,7 @@ from imgpipe.errors import PipelineError
 from imgpipe.sweep.pruning import EpochJudge, Pruned
 from imgpipe.sweep.resilience import StorageUnreachable, note, retrying
 from imgpipe.sweep.settings import SweepSettings, applies
-from imgpipe.sweep.study import counts_towards_n_trials, fail_and_retry, worker_identity
+from imgpipe.sweep.study import counts_towards_n_trials, fail_and_retry, trial_identity
 
 log = logging.getLogger(__package__)  # the sweep's lines read "imgpipe.sweep: ..."
 
@@ -149,7 +149,7 @@ def run_trial(
     """The objective: train one trial; its objectives, as many as the study has directions."""
     import optuna
 
-    for key, value in worker_identity().items():
+    for key, value in trial_identity(trial.number).items():
         note(trial, key, value)
     if retrying(lambda: _is_surplus(study, trial, settings.n_trials)):
         note(trial, "surplus", True)
