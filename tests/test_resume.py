@@ -234,6 +234,7 @@ def start_training(cfg: TrainConfig, experiment: str) -> tuple[subprocess.Popen,
         f"live_dir_path={cfg.live_dir_path}",
         f"log_dir={cfg.log_dir}",
         f"resume={cfg.resume}",
+        f"setup_mlflow={cfg.setup_mlflow}",
     ]
     workdir = Path(cfg.log_dir).parent
     workdir.mkdir(parents=True, exist_ok=True)
@@ -455,3 +456,39 @@ def test_a_stop_files_the_checkpoint_it_wrote_not_the_weights_it_moved_to(tmp_pa
     assert filed["mlflow_run_id"] == tracker.run_id is not None
     assert filed["epoch"] == 2
     assert torch.equal(filed["model"]["weight"], written)
+
+
+def test_a_training_killed_with_older_checkpoints_set_aside_leaves_no_temp_behind(
+    cfg: TrainConfig, tmp_path: Path
+) -> None:
+    """A fresh training killed while its MLflow run was still being made leaves the older
+    checkpoints set aside as temp files. The next fresh training removes them, whether or
+    not it has a run to wait for (here MLflow is off): models/ is a DVC output, and a temp
+    there would be cached."""
+    import sqlite3
+
+    experiment = "killed-aside"
+    before_run = in_dir(cfg, tmp_path / "a", epochs=1)
+    run_to_end(before_run, experiment)
+    models = Path(before_run.model_checkpoint_dir_path)
+    aside = models / f".{checkpoint.CHECKPOINT_FILE}.before.tmp"
+
+    busy = sqlite3.connect(before_run.mlflow_tracking_uri.removeprefix("sqlite:///"))
+    busy.execute("BEGIN EXCLUSIVE")  # the killed training's run cannot be made
+    try:
+        proc, lines = start_training(replace(before_run, epochs=30, resume=False), experiment)
+        lines.at(epoch_line(1, 30))
+        deadline = time.monotonic() + 60
+        while not aside.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait(30)
+    finally:
+        busy.rollback()
+        busy.close()
+    assert aside.exists(), f"nothing was set aside: nothing tested\n{lines}"
+
+    run_to_end(replace(before_run, epochs=2, resume=False, setup_mlflow=False), experiment)
+
+    assert sorted(p.name for p in models.iterdir() if p.name.startswith(".")) == []
+    assert checkpoint.load(models / checkpoint.CHECKPOINT_FILE)["epoch"] == 2

@@ -60,11 +60,10 @@ def small_disk(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
 def fill(disk: Path, leave: int) -> None:
     """Fill ``disk`` up to ``leave`` free bytes (a whole disk first, then give some back)."""
     filler = disk / "filler"
-    with open(filler, "wb") as fh:
+    with open(filler, "wb", buffering=0) as fh:  # unbuffered: closing has nothing to flush
         try:
             while True:
                 fh.write(b"\0" * 65536)
-                fh.flush()
         except OSError:
             pass
     size = filler.stat().st_size
@@ -251,3 +250,102 @@ def test_the_lock_is_refused_while_held_and_free_after(tmp_path: Path) -> None:
         pass
     with runlock.lock(tmp_path):
         pass
+
+
+# --------------------------------------------------------------------------- checkpoints
+# written while the MLflow run is being made (resume.Checkpoints), on a full disk
+
+
+def small_state(epoch: int, run_key: str):
+    import torch
+
+    from imgpipe.checkpoint import TrainingState
+
+    return TrainingState(
+        epoch=epoch, global_step=4 * epoch, fingerprint="f", config={},
+        model=torch.nn.Linear(3, 2).state_dict(), optimizer={}, scheduler={}, rng={},
+        run_key=run_key,
+    )  # fmt: skip
+
+
+def busy_tracker(tmp_path: Path, run_key: str):
+    """A Tracker whose MLflow run cannot be made until the returned connection lets go of
+    the store (another process holding its write lock)."""
+    import sqlite3
+
+    from imgpipe.testing import empty_store
+    from imgpipe.tracking import RunSpec, Tracker
+
+    store = empty_store(tmp_path / "store" / "mlflow.db")
+    spec = RunSpec(
+        tracking_uri=f"sqlite:///{store}", experiment_name="e", run_name="r", run_key=run_key
+    )
+    busy = sqlite3.connect(store)
+    busy.execute("BEGIN EXCLUSIVE")
+    return Tracker(tmp_path / "dvclive", spec, images=False), busy
+
+
+def test_a_fresh_training_whose_first_checkpoint_meets_a_full_disk_keeps_the_older_ones(
+    small_disk: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The older checkpoints are set aside while the run is being made; the fresh
+    training's first write then fails. The run comes to exist, but with nothing of this
+    training on disk the older files come back, as a failed first write always left them."""
+    from imgpipe import resume
+
+    models = small_disk("4m") / "models"
+    small_state(1, "older").save(models, keep_previous=False)
+    small_state(2, "older").save(models, keep_previous=True)
+    before = {p.name: p.read_bytes() for p in sorted(models.iterdir())}
+    fill(models.parent, leave=0)
+    tracker, busy = busy_tracker(tmp_path, "new")
+    saved = resume.Checkpoints(tracker, models, main=True)
+
+    with pytest.raises(PipelineError) as raised, saved.filed(), tracker:
+        try:
+            assert tracker.starting(), "the run was made at once: nothing set aside, nothing tested"
+            saved.begin(small_state(0, "new"))
+        finally:
+            busy.rollback()
+    busy.close()
+
+    assert str(raised.value) == f"cannot write {models / checkpoint.CHECKPOINT_FILE}: {NO_SPACE}"
+    assert tracker.run_id is not None  # made: the older files were not put back for that
+    assert {p.name: p.read_bytes() for p in sorted(models.iterdir())} == before
+    assert "no checkpoint was written" in caplog.text and "are back as they were" in caplog.text
+    assert leftovers(models.parent) == []
+
+
+def test_filing_the_last_checkpoint_under_its_run_on_a_full_disk_loses_nothing(
+    small_disk: Callable[[str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The newest checkpoint was written before its run's id was known; on the way out the
+    id cannot be written into it (the disk filled meanwhile). Training still ends well, the
+    checkpoint stays intact with the run's key, and that key finds the run (a resume's way)."""
+    from mlflow import MlflowClient
+
+    from imgpipe import resume
+    from imgpipe.tracking.create import find_run_once
+
+    models = small_disk("4m") / "models"
+    tracker, busy = busy_tracker(tmp_path, "key-1")
+    saved = resume.Checkpoints(tracker, models, main=True)
+
+    with saved.filed(), tracker:
+        saved.add(small_state(1, "key-1"))
+        assert tracker.starting(), "the run was made before the checkpoint: nothing tested"
+        fill(models.parent, leave=0)
+        busy.rollback()
+    busy.close()
+
+    target = models / checkpoint.CHECKPOINT_FILE
+    assert f"cannot write {target}: {NO_SPACE}" in caplog.text
+    assert f"by which a resume finds run {tracker.run_id}" in caplog.text
+    found = checkpoint.load_latest(models)
+    assert found is not None
+    state, path = found
+    assert (path, state.epoch, state.run_id, state.run_key) == (target, 1, None, "key-1")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e")
+    assert find_run_once(client, [experiment.experiment_id], "key-1").info.run_id == tracker.run_id
+    assert leftovers(models.parent) == []

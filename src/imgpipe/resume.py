@@ -188,8 +188,9 @@ class Checkpoints:
     def begin(self, initial: TrainingState) -> None:
         """A fresh training's epoch 0, after its first epoch."""
         self._fresh = True
-        if self.main and self.tracker.starting():
+        if self.main:  # a killed training's temps, its set-aside files among them
             checkpoint.remove_stale_temps(self.directory)
+        if self.main and self.tracker.starting():
             self._set_aside_older()
             self._unsettled = True
         self.add(initial)
@@ -214,8 +215,7 @@ class Checkpoints:
             yield
         except BaseException:
             self._settle()
-            with contextlib.suppress(PipelineError):  # the error being raised stands
-                self._file_last()
+            self._file_last()
             raise
         self._settle()
         self._file_last()
@@ -229,7 +229,9 @@ class Checkpoints:
                 self._set_aside.append((aside, where))
 
     def _settle(self) -> None:
-        """The run exists: the older files go. It never came to be: they come back."""
+        """The run exists and this training checkpointed: the older files go. The run never
+        came to be, or no checkpoint of this training could be written (a full disk): they
+        come back, as a fresh training's first write that fails leaves them."""
         if not self._unsettled:
             return
         self._unsettled = False
@@ -238,20 +240,25 @@ class Checkpoints:
             for name in (checkpoint.CHECKPOINT_FILE, checkpoint.PREVIOUS_FILE):
                 (self.directory / name).unlink(missing_ok=True)
             self.last = None
+        keep_new = made and self.last is not None
         for aside, where in self._set_aside:
-            if made:
+            if keep_new:
                 aside.unlink(missing_ok=True)
             else:
                 os.replace(aside, where)
-        self._set_aside = []
-        if not made:
+        if self._set_aside and not keep_new:
             log.warning(
-                "the MLflow run was not made: the checkpoints in %s are back as they were "
-                "before this training",
+                "%s: the checkpoints in %s are back as they were before this training",
+                "no checkpoint was written" if made else "the MLflow run was not made",
                 self.directory,
             )
+        self._set_aside = []
 
     def _file_last(self) -> None:
         last, run_id = self.last, self.tracker.run_id
-        if self.main and last is not None and last.run_id is None and run_id:
+        if not (self.main and last is not None and last.run_id is None and run_id):
+            return
+        try:
             checkpoint.name_run(self.directory, run_id, last.run_key, last.epoch)
+        except PipelineError as exc:  # a full disk: the checkpoint stays as it was
+            log.warning("%s; it keeps the run's key, by which a resume finds run %s", exc, run_id)
