@@ -3,6 +3,7 @@ Writes the "Sweeps" section of RESULTS.md (bench/sections.py).
 
     python -m bench sweep               # photos, timm test_efficientnet, 20 trials x 8 epochs
     python -m bench sweep --smoke       # 4 trials x 2 epochs, 1 round: every row, no section
+    python -m bench sweep --space wide  # the same over docs/sweeps.md's multi-key space
 
 The setting is the one the issue is about: trials whose epochs dominate their cost. Photo-like
 RGB JPEGs (bench/photos.py: digits over tinted, noisy backgrounds) processed to 32x32, a timm
@@ -29,8 +30,10 @@ threads wait passively (OMP_WAIT_POLICY=PASSIVE) in every run: see bench/ddp.py.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -42,9 +45,10 @@ from pathlib import Path
 import numpy as np
 
 from bench.photos import generate_photos
-from bench.sections import write_section
+from bench.sections import RESULTS_DIR, write_section
 from imgpipe.cpus import available_cpus
 from imgpipe.data import process_dataset
+from imgpipe.sweep.pruning import PrunerSettings, percentile_rule
 from imgpipe.testing import REPO
 
 TOPIC = "sweep"
@@ -52,6 +56,18 @@ TITLE = "Sweeps: pruning and workers"
 MODEL = "test_efficientnet"
 SPACE = ["lr=tag(log,interval(1e-6,10.0))", "train_bs=choice(32,64)"]
 FIXED = [f"model={MODEL}", "optimizer=adamw", "scheduler=none"]
+# ``--space wide``: the learning rate and batch size as above, searched jointly with the
+# keys of docs/sweeps.md's conditional example, over its ranges (momentum only with sgd).
+# A learning rate's good decade depends on the optimizer, so good settings are rarer: the
+# space a sweep over several keys meets, where pruning's saving before the first good
+# trial is larger. Its rows go to a section of their own beside the lr-only one.
+WIDE = [
+    *SPACE,
+    "optimizer=choice(adadelta,sgd,adamw)",
+    "momentum=interval(0.5,0.95)",
+    "weight_decay=tag(log,interval(1e-6,1e-2))",
+]
+WIDE_FIXED = [f"model={MODEL}", "scheduler=none"]
 # The project's defaults for the rule's settings, judged on val accuracy: a batch-norm
 # network at a good learning rate starts with a val loss above chance's (docs/sweeps.md).
 PRUNE = ["sweep_pruner=median", "sweep_pruner_objective=val/accuracy"]
@@ -66,7 +82,9 @@ def make_data(work: Path, images: int) -> Path:
     return out
 
 
-def run_sweep(work: Path, data: Path, name: str, trials: int, epochs: int, *extra: str):
+def run_sweep(
+    work: Path, data: Path, name: str, trials: int, epochs: int, space: list[str], *extra: str
+):
     """One sweep in ``work/name``: its trials (read before the folder goes) and times."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
@@ -82,8 +100,7 @@ def run_sweep(work: Path, data: Path, name: str, trials: int, epochs: int, *extr
         f"hydra.sweeper.n_trials={trials}",
         "setup_mlflow=false",
         f"log_dir={root / 'logs'}",
-        *FIXED,
-        *SPACE,
+        *space,
         *extra,
     ]
     # Threads that wait sleep instead of spinning: on a shared machine a spinning OpenMP
@@ -136,10 +153,15 @@ class Sweep:
         return [t.values[1] for t in self.trials if t.state.name == "COMPLETE"]
 
     def target(self, n_val: int) -> float:
-        """The final best less max(0.5 point, 2 standard errors of a val accuracy)."""
-        best = max(self.accuracies())
-        se = math.sqrt(best * (1 - best) / n_val) if n_val else 0.0
-        return best - max(0.005, 2 * se)
+        return val_target(self.accuracies(), n_val)
+
+    def random_curves(self) -> list[list[float]]:
+        """The val-accuracy curves of the complete trials TPE drew at random (its first)."""
+        return [
+            t.user_attrs["val_accuracy_by_epoch"]
+            for t in self.trials
+            if t.state.name == "COMPLETE" and t.number < RANDOM_TRIALS
+        ]
 
     def reached(self, target: float) -> tuple[float, float]:
         """Seconds from the first trial's start until a complete trial reaches ``target``,
@@ -176,6 +198,138 @@ def _end(trial):
     return trial.datetime_complete
 
 
+# --------------------------------------------------------------------------- replay
+# Three seeds say little about a ratio that hangs on where the first good trial falls. The
+# replay draws many sweeps from the recorded curves of the unpruned trials TPE drew at
+# random (a draw from the space itself; its later trials are guided, so richer in good
+# ones) and applies the project's rule (imgpipe.sweep.pruning.percentile_rule) to each, at
+# several settings.
+RANDOM_TRIALS = 10  # TPESampler's n_startup_trials, which conf/train_model.yaml keeps
+
+
+def val_target(finals: list[float], n_val: int) -> float:
+    """The sweep's final best less max(0.5 point, 2 standard errors of a val accuracy)."""
+    best = max(finals)
+    se = math.sqrt(best * (1 - best) / n_val) if n_val else 0.0
+    return best - max(0.005, 2 * se)
+
+
+def replay_sweep(order: list[list[float]], n_val: int, startup: int, warmup: int) -> tuple:
+    """One replayed sweep over the val-accuracy curves ``order``, in that order: the
+    epochs to the target without pruning and with the median rule (inf if never), and
+    where the unpruned sweep first reached it (1-based)."""
+    target = val_target([c[-1] for c in order], n_val)
+    first = next(i for i, c in enumerate(order) if c[-1] >= target)
+    plain = sum(len(c) for c in order[: first + 1])
+    complete: list[list[float]] = []
+    spent = 0
+    for curve in order:
+        stopped = None
+        if len(complete) >= max(1, startup):
+            for epoch in range(warmup + 1, len(curve)):  # the last epoch is never pruned
+                others = [c[epoch - 1] for c in complete]
+                if percentile_rule(max(curve[:epoch]), others, "maximize", 50.0):
+                    stopped = epoch
+                    break
+        spent += stopped or len(curve)
+        if stopped:
+            continue
+        complete.append(curve)
+        if curve[-1] >= target:
+            return plain, spent, first + 1
+    return plain, math.inf, first + 1
+
+
+def replay(
+    curves: list[list[float]], n_val: int, trials: int, startup: int, warmup: int, draws: int = 2000
+) -> list[tuple]:
+    """``draws`` sweeps of ``trials`` trials drawn at random (with replacement) from the
+    recorded ``curves``: a random sweep, as TPE's start-up trials are; its later, guided
+    proposals (and how they react to pruned trials) are not modelled."""
+    rng = random.Random(0)
+    return [
+        replay_sweep([rng.choice(curves) for _ in range(trials)], n_val, startup, warmup)
+        for _ in range(draws)
+    ]
+
+
+def replay_rows(
+    curves: list[list[float]], n_val: int, trials: int
+) -> list[tuple[str, str, str, str]]:
+    """The replay's rows: the rule at the project's defaults, then at other settings."""
+    startup, warmup = PrunerSettings().startup_trials, PrunerSettings().warmup_epochs
+
+    def summary(runs: list[tuple]) -> tuple[float, float, float]:
+        ratios = sorted(p / u for u, p, _ in runs)
+        return (
+            statistics.median(ratios),
+            sum(r <= 0.6 for r in ratios) / len(ratios),
+            sum(math.isinf(r) for r in ratios) / len(ratios),
+        )
+
+    runs = replay(curves, n_val, trials, startup, warmup)
+    ratio, met, lost = summary(runs)
+    name = f"replay, {len(runs):,} random sweeps over {len(curves)} of these curves"
+    rows = [
+        (
+            f"{name}: epochs to target, pruned / unpruned (median)",
+            f"{ratio:.2f}x",
+            "<= 0.6x",
+            _ok(ratio, 0.6),
+        ),
+        (
+            f"{name}: sweeps at <= 0.6x / never reaching the target",
+            f"{100 * met:.0f} / {100 * lost:.0f} %",
+            "",
+            "measured",
+        ),
+    ]
+    bands = [(1, startup), (startup + 1, 2 * startup), (2 * startup + 1, 10), (11, trials)]
+    parts = []
+    for low, high in bands:
+        band = [r for r in runs if low <= r[2] <= high]
+        if band and low <= high:
+            med_band = statistics.median(p / u for u, p, _ in band)
+            parts.append(f"{low}-{high}: {med_band:.2f}x ({100 * len(band) / len(runs):.0f} %)")
+    rows.append(
+        (
+            f"{name}: the ratio by the trial that first reaches the target unpruned (share of sweeps)",
+            "; ".join(parts),
+            "",
+            "measured",
+        )
+    )
+    for other_startup, other_warmup in ((1, warmup), (startup, 0), (5, warmup)):
+        ratio, met, lost = summary(replay(curves, n_val, trials, other_startup, other_warmup))
+        rows.append(
+            (
+                f"{name}, start-up trials {other_startup}, warm-up epochs {other_warmup}: median ratio / never reaching",
+                f"{ratio:.2f}x / {100 * lost:.0f} %",
+                "",
+                "measured",
+            )
+        )
+    return rows
+
+
+def replay_recorded(topic: str, title: str) -> int:
+    """Rewrite ``topic``'s section with its replay rows redone from bench/results/."""
+    recorded = json.loads((RESULTS_DIR / f"{topic}.json").read_text())
+    curves = [
+        t["val_accuracy_by_epoch"]
+        for sweep in recorded["plain"]
+        for t in sweep["trials"]
+        if t["state"] == "COMPLETE" and t["number"] < RANDOM_TRIALS
+    ]
+    kept = [tuple(r) for r in recorded["rows"] if not r[0].startswith("replay")]
+    rows = kept + replay_rows(curves, recorded["n_val"], recorded["trials_per_sweep"])
+    for row in rows:
+        print(" | ".join(row))
+    data = {k: v for k, v in recorded.items() if k != "rows"}
+    write_section(topic, title, recorded["intro"], rows, data)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
@@ -183,7 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=1200)
     parser.add_argument("--rounds", type=int, default=3, help="seeds, each arm once per seed")
     parser.add_argument("--smoke", action="store_true", help="4 x 2 epochs, 1 round, no section")
+    parser.add_argument(
+        "--space", choices=("lr", "wide"), default="lr", help="lr (and batch size) or several keys"
+    )
+    parser.add_argument(
+        "--replay", action="store_true", help="redo the replay rows from the last run's records"
+    )
     args = parser.parse_args(argv)
+    wide = args.space == "wide"
+    space = [*WIDE_FIXED, *WIDE] if wide else [*FIXED, *SPACE]
+    topic, title = (f"{TOPIC}-wide", f"{TITLE}, several keys") if wide else (TOPIC, TITLE)
+    if args.replay:
+        return replay_recorded(topic, title)
     trials, epochs, rounds = (4, 2, 1) if args.smoke else (args.trials, args.epochs, args.rounds)
     images = 240 if args.smoke else args.images
     load_before = os.getloadavg()[0]
@@ -196,11 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         pruned: list[Sweep] = []
         for i in range(rounds):  # alternated: a shared machine drifts between runs
             seed = f"hydra.sweeper.sampler.seed={SEED + i}"
-            plain.append(run_sweep(work, data, f"plain-{i}", trials, epochs, seed))
-            pruned.append(run_sweep(work, data, f"pruned-{i}", trials, epochs, seed, *PRUNE))
+            plain.append(run_sweep(work, data, f"plain-{i}", trials, epochs, space, seed))
+            pruned.append(run_sweep(work, data, f"pruned-{i}", trials, epochs, space, seed, *PRUNE))
             if i == 0:  # the 1-worker run is this round's unpruned sweep, just before
                 two = run_sweep(
-                    work, data, "workers-2", trials, epochs, seed, "hydra.sweeper.n_jobs=2"
+                    work, data, "workers-2", trials, epochs, space, seed, "hydra.sweeper.n_jobs=2"
                 )
     one = plain[0]
 
@@ -235,26 +400,31 @@ def main(argv: list[str] | None = None) -> int:
         ("journal storage, 1 worker / 2 workers", f"{one.wall:.0f} / {two.wall:.0f} s", "", "measured"),
         ("2 workers / 1 worker wall time", f"{two.wall / one.wall:.2f}x", "", "measured"),
     ]  # fmt: skip
+    rows += replay_rows([c for p in plain for c in p.random_curves()], n_val, trials)
     for row in rows:
         print(" | ".join(row))
     if not args.smoke:
         load = os.getloadavg()[0]
         intro = (
             f"Photo-like JPEGs at 32x32 RGB ({n_train} train, {n_val} val images), timm "
-            f"{MODEL}, AdamW, {trials} trials x {epochs} epochs, space {' '.join(SPACE)}, "
+            f"{MODEL}, {'' if wide else 'AdamW, '}{trials} trials x {epochs} epochs, "
+            f"space {' '.join(WIDE if wide else SPACE)}, "
             f"TPE seeds {', '.join(str(SEED + i) for i in range(rounds))} (one round each, "
             f"arms alternated; ratios per round, median), {' '.join(PRUNE)} (other settings "
             f"at their defaults), {available_cpus()} CPUs, load average {load_before:.1f} at the start "
             f"and {load:.1f} at the end, MLflow off, OMP_WAIT_POLICY=PASSIVE."
         )
         data_out = {
+            "intro": intro,
+            "n_val": n_val,
+            "trials_per_sweep": trials,
             "targets": targets,
             "plain": [p.record() for p in plain],
             "pruned": [p.record() for p in pruned],
             "workers_2": two.record(),
             "load_average": [load_before, load],
         }
-        write_section(TOPIC, TITLE, intro, rows, data_out)
+        write_section(topic, title, intro, rows, data_out)
     return 0
 
 
