@@ -4,6 +4,7 @@ Writes the "Sweeps" section of RESULTS.md (bench/sections.py).
     python -m bench sweep               # photos, timm test_efficientnet, 20 trials x 8 epochs
     python -m bench sweep --smoke       # 4 trials x 2 epochs, 1 round: every row, no section
     python -m bench sweep --space wide  # the same over docs/sweeps.md's multi-key space
+    python -m bench sweep --replay      # redo the replay rows from bench/results/sweep.json
 
 The setting is the one the issue is about: trials whose epochs dominate their cost. Photo-like
 RGB JPEGs (bench/photos.py: digits over tinted, noisy backgrounds) processed to 32x32, a timm
@@ -48,7 +49,7 @@ from bench.photos import generate_photos
 from bench.sections import RESULTS_DIR, write_section
 from imgpipe.cpus import available_cpus
 from imgpipe.data import process_dataset
-from imgpipe.sweep.pruning import PrunerSettings, percentile_rule
+from imgpipe.sweep.pruning import PrunerSettings, prunes_after
 from imgpipe.testing import REPO
 
 TOPIC = "sweep"
@@ -202,7 +203,7 @@ def _end(trial):
 # Three seeds say little about a ratio that hangs on where the first good trial falls. The
 # replay draws many sweeps from the recorded curves of the unpruned trials TPE drew at
 # random (a draw from the space itself; its later trials are guided, so richer in good
-# ones) and applies the project's rule (imgpipe.sweep.pruning.percentile_rule) to each, at
+# ones) and applies the project's rule (imgpipe.sweep.pruning.prunes_after) to each, at
 # several settings.
 RANDOM_TRIALS = 10  # TPESampler's n_startup_trials, which conf/train_model.yaml keeps
 
@@ -221,16 +222,14 @@ def replay_sweep(order: list[list[float]], n_val: int, startup: int, warmup: int
     target = val_target([c[-1] for c in order], n_val)
     first = next(i for i, c in enumerate(order) if c[-1] >= target)
     plain = sum(len(c) for c in order[: first + 1])
+    rule = PrunerSettings(name="median", startup_trials=startup, warmup_epochs=warmup)
     complete: list[list[float]] = []
     spent = 0
     for curve in order:
-        stopped = None
-        if len(complete) >= max(1, startup):
-            for epoch in range(warmup + 1, len(curve)):  # the last epoch is never pruned
-                others = [c[epoch - 1] for c in complete]
-                if percentile_rule(max(curve[:epoch]), others, "maximize", 50.0):
-                    stopped = epoch
-                    break
+        stopped = next(  # the last epoch is never pruned
+            (e for e in range(1, len(curve)) if prunes_after(e, curve, complete, rule, "maximize")),
+            None,
+        )
         spent += stopped or len(curve)
         if stopped:
             continue
@@ -284,7 +283,8 @@ def replay_rows(
             "measured",
         ),
     ]
-    bands = [(1, startup), (startup + 1, 2 * startup), (2 * startup + 1, 10), (11, trials)]
+    last = RANDOM_TRIALS
+    bands = [(1, startup), (startup + 1, 2 * startup), (2 * startup + 1, last), (last + 1, trials)]
     parts = []
     for low, high in bands:
         band = [r for r in runs if low <= r[2] <= high]

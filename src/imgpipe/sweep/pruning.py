@@ -186,28 +186,38 @@ class EpochJudge:
         from optuna.trial import TrialState
 
         if epoch <= self.settings.warmup_epochs:
-            return False
+            return False  # before reading the storage: nothing to judge yet
         complete = retrying(
             lambda: self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
             what="reading complete trials",
         )
-        if len(complete) < max(1, self.settings.startup_trials):
-            return False
         attr = curve_attr(self.judged)
-        others = [
-            curve[epoch - 1]
-            for t in complete
-            if len(curve := t.user_attrs.get(attr) or []) >= epoch and curve[epoch - 1] is not None
-        ]
-        if not others:
-            return False
-        import numpy as np
+        curves = [t.user_attrs.get(attr) or [] for t in complete]
+        return prunes_after(epoch, self.curves[self.judged], curves, self.settings, self.direction)
 
-        # The trial's best so far, NaN only when every epoch was: then it is pruned, as
-        # Optuna's PercentilePruner does (np.nanmax/nanmin, its own arithmetic).
-        mine = np.array([v for v in self.curves[self.judged][:epoch] if v is not None], dtype=float)
-        if np.isnan(mine).all():
-            return True
-        best = float(np.nanmax(mine) if self.direction == "maximize" else np.nanmin(mine))
-        share = 50.0 if self.settings.name == "median" else self.settings.percentile
-        return percentile_rule(best, others, self.direction, share)
+
+def prunes_after(
+    epoch: int,
+    mine: list[float | None],
+    complete: list[list[float | None]],
+    settings: PrunerSettings,
+    direction: str,
+) -> bool:
+    """The two-objective rule, pure: True when the trial whose judged values so far are
+    ``mine`` is pruned after ``epoch``, given the judged curves of the ``complete`` trials
+    (bench/sweep.py replays recorded sweeps through it)."""
+    import numpy as np
+
+    if epoch <= settings.warmup_epochs or len(complete) < max(1, settings.startup_trials):
+        return False
+    others = [c[epoch - 1] for c in complete if len(c) >= epoch and c[epoch - 1] is not None]
+    if not others:
+        return False
+    # The trial's best so far, NaN only when every epoch was: then it is pruned, as
+    # Optuna's PercentilePruner does (np.nanmax/nanmin, its own arithmetic).
+    values = np.array([v for v in mine[:epoch] if v is not None], dtype=float)
+    if np.isnan(values).all():
+        return True
+    best = float(np.nanmax(values) if direction == "maximize" else np.nanmin(values))
+    share = 50.0 if settings.name == "median" else settings.percentile
+    return percentile_rule(best, others, direction, share)
