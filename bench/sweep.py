@@ -2,9 +2,10 @@
 Writes the "Sweeps" section of RESULTS.md (bench/sections.py).
 
     python -m bench sweep               # photos, timm test_efficientnet, 20 trials x 8 epochs
-    python -m bench sweep --smoke       # 4 trials x 2 epochs, 1 round: every row, no section
+    python -m bench sweep --smoke       # 4 trials x 2 epochs, 1 round: every row, to smoke.md
     python -m bench sweep --space wide  # the same over docs/sweeps.md's multi-key space
     python -m bench sweep --replay      # redo the replay rows from bench/results/sweep.json
+    (--out DIR: RESULTS.md and results/ in DIR instead of bench/)
 
 The setting is the one the issue is about: trials whose epochs dominate their cost. Photo-like
 RGB JPEGs (bench/photos.py: digits over tinted, noisy backgrounds) processed to 32x32, a timm
@@ -46,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.photos import generate_photos
-from bench.sections import RESULTS_DIR, write_section
+from bench.sections import BENCH, write_section
 from imgpipe.cpus import available_cpus
 from imgpipe.data import process_dataset
 from imgpipe.sweep.pruning import PrunerSettings, prunes_after
@@ -204,7 +205,8 @@ def _end(trial):
 # replay draws many sweeps from the recorded curves of the unpruned trials TPE drew at
 # random (a draw from the space itself; its later trials are guided, so richer in good
 # ones) and applies the project's rule (imgpipe.sweep.pruning.prunes_after) to each, at
-# several settings.
+# several settings, and a judge that is never wrong (perfect_judge): what no rule that
+# judges at the same moments can beat.
 RANDOM_TRIALS = 10  # TPESampler's n_startup_trials, which conf/train_model.yaml keeps
 
 
@@ -239,15 +241,41 @@ def replay_sweep(order: list[list[float]], n_val: int, startup: int, warmup: int
     return plain, math.inf, first + 1
 
 
+def perfect_judge(order: list[list[float]], n_val: int, startup: int, warmup: int) -> tuple:
+    """As replay_sweep, with a judge that is never wrong in place of the median rule: it
+    stops every trial that will miss the target at the first moment the rule may judge
+    (once ``startup`` trials are complete, after epoch ``warmup`` + 1) and never stops
+    one that will reach it. No rule judging at those moments can stop trials sooner, so
+    its ratio bounds what any such pruner saves on these curves."""
+    target = val_target([c[-1] for c in order], n_val)
+    first = next(i for i, c in enumerate(order) if c[-1] >= target)
+    plain = sum(len(c) for c in order[: first + 1])
+    spent, complete = 0, 0
+    for curve in order:
+        if curve[-1] >= target:
+            return plain, spent + len(curve), first + 1
+        judged = complete >= max(1, startup) and len(curve) > warmup + 1
+        spent += warmup + 1 if judged else len(curve)
+        complete += not judged
+    return plain, math.inf, first + 1
+
+
 def replay(
-    curves: list[list[float]], n_val: int, trials: int, startup: int, warmup: int, draws: int = 2000
+    curves: list[list[float]],
+    n_val: int,
+    trials: int,
+    startup: int,
+    warmup: int,
+    draws: int = 2000,
+    judge=replay_sweep,
 ) -> list[tuple]:
     """``draws`` sweeps of ``trials`` trials drawn at random (with replacement) from the
     recorded ``curves``: a random sweep, as TPE's start-up trials are; its later, guided
-    proposals (and how they react to pruned trials) are not modelled."""
+    proposals (and how they react to pruned trials) are not modelled. The same draws
+    for every ``judge`` and setting (one seed)."""
     rng = random.Random(0)
     return [
-        replay_sweep([rng.choice(curves) for _ in range(trials)], n_val, startup, warmup)
+        judge([rng.choice(curves) for _ in range(trials)], n_val, startup, warmup)
         for _ in range(draws)
     ]
 
@@ -299,6 +327,19 @@ def replay_rows(
             "measured",
         )
     )
+    for judge_startup in (startup, 1):
+        ratio, met, _ = summary(
+            replay(curves, n_val, trials, judge_startup, warmup, judge=perfect_judge)
+        )
+        rows.append(
+            (
+                f"{name}, a judge that is never wrong at the rule's moments (start-up trials "
+                f"{judge_startup}, warm-up epochs {warmup}): median ratio / sweeps at <= 0.6x",
+                f"{ratio:.2f}x / {100 * met:.0f} %",
+                "",
+                "bound",
+            )
+        )
     for other_startup, other_warmup in ((1, warmup), (startup, 0), (5, warmup)):
         ratio, met, lost = summary(replay(curves, n_val, trials, other_startup, other_warmup))
         rows.append(
@@ -312,9 +353,17 @@ def replay_rows(
     return rows
 
 
-def replay_recorded(topic: str, title: str) -> int:
-    """Rewrite ``topic``'s section with its replay rows redone from bench/results/."""
-    recorded = json.loads((RESULTS_DIR / f"{topic}.json").read_text())
+def replay_recorded(topic: str, title: str, out: Path) -> int:
+    """Rewrite ``topic``'s section of ``out``/RESULTS.md with its replay rows redone from
+    ``out``/results/ (the last run's records)."""
+    recorded_at = out / "results" / f"{topic}.json"
+    if not recorded_at.is_file():
+        print(
+            f"error: {recorded_at}: no recorded sweeps to replay (run the section first)",
+            file=sys.stderr,
+        )
+        return 1
+    recorded = json.loads(recorded_at.read_text())
     curves = [
         t["val_accuracy_by_epoch"]
         for sweep in recorded["plain"]
@@ -326,7 +375,7 @@ def replay_recorded(topic: str, title: str) -> int:
     for row in rows:
         print(" | ".join(row))
     data = {k: v for k, v in recorded.items() if k != "rows"}
-    write_section(topic, title, recorded["intro"], rows, data)
+    write_section(topic, title, recorded["intro"], rows, data, out / "RESULTS.md")
     return 0
 
 
@@ -343,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replay", action="store_true", help="redo the replay rows from the last run's records"
     )
+    parser.add_argument("--out", type=Path, default=BENCH, help="where RESULTS.md is")
     args = parser.parse_args(argv)
     wide = args.space == "wide"
     space = [*WIDE_FIXED, *WIDE] if wide else [*FIXED, *SPACE]
     topic, title = (f"{TOPIC}-wide", f"{TITLE}, several keys") if wide else (TOPIC, TITLE)
     if args.replay:
-        return replay_recorded(topic, title)
+        return replay_recorded(topic, title, args.out)
     trials, epochs, rounds = (4, 2, 1) if args.smoke else (args.trials, args.epochs, args.rounds)
     images = 240 if args.smoke else args.images
     load_before = os.getloadavg()[0]
@@ -403,28 +453,32 @@ def main(argv: list[str] | None = None) -> int:
     rows += replay_rows([c for p in plain for c in p.random_curves()], n_val, trials)
     for row in rows:
         print(" | ".join(row))
-    if not args.smoke:
-        load = os.getloadavg()[0]
-        intro = (
-            f"Photo-like JPEGs at 32x32 RGB ({n_train} train, {n_val} val images), timm "
-            f"{MODEL}, {'' if wide else 'AdamW, '}{trials} trials x {epochs} epochs, "
-            f"space {' '.join(WIDE if wide else SPACE)}, "
-            f"TPE seeds {', '.join(str(SEED + i) for i in range(rounds))} (one round each, "
-            f"arms alternated; ratios per round, median), {' '.join(PRUNE)} (other settings "
-            f"at their defaults), {available_cpus()} CPUs, load average {load_before:.1f} at the start "
-            f"and {load:.1f} at the end, MLflow off, OMP_WAIT_POLICY=PASSIVE."
-        )
-        data_out = {
-            "intro": intro,
-            "n_val": n_val,
-            "trials_per_sweep": trials,
-            "targets": targets,
-            "plain": [p.record() for p in plain],
-            "pruned": [p.record() for p in pruned],
-            "workers_2": two.record(),
-            "load_average": [load_before, load],
-        }
-        write_section(topic, title, intro, rows, data_out)
+    load = os.getloadavg()[0]
+    intro = (
+        f"Photo-like JPEGs at 32x32 RGB ({n_train} train, {n_val} val images), timm "
+        f"{MODEL}, {'' if wide else 'AdamW, '}{trials} trials x {epochs} epochs, "
+        f"space {' '.join(WIDE if wide else SPACE)}, "
+        f"TPE seeds {', '.join(str(SEED + i) for i in range(rounds))} (one round each, "
+        f"arms alternated; ratios per round, median), {' '.join(PRUNE)} (other settings "
+        f"at their defaults), {available_cpus()} CPUs, load average {load_before:.1f} at the start "
+        f"and {load:.1f} at the end, MLflow off, OMP_WAIT_POLICY=PASSIVE."
+    )
+    data_out = {
+        "intro": intro,
+        "n_val": n_val,
+        "trials_per_sweep": trials,
+        "targets": targets,
+        "plain": [p.record() for p in plain],
+        "pruned": [p.record() for p in pruned],
+        "workers_2": two.record(),
+        "load_average": [load_before, load],
+    }
+    # A smoke run writes beside the report, never into it, and under a name of its own:
+    # --replay reads results/<topic>.json, the last full run's curves.
+    if args.smoke:
+        write_section(f"{topic}-smoke", title, intro, rows, data_out, args.out / "smoke.md")
+    else:
+        write_section(topic, title, intro, rows, data_out, args.out / "RESULTS.md")
     return 0
 
 

@@ -150,3 +150,30 @@ def test_predict_bench_smoke_produces_every_row(tmp_path: Path) -> None:
         assert expected in measures, (expected, measures)
     assert "MODEL NOT LOGGED" not in measures  # each run ended FINISHED with its model
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
+
+
+@pytest.mark.slow
+def test_sweep_bench_smoke_produces_every_row_and_replays_only_a_full_run(tmp_path: Path) -> None:
+    rows = smoke_rows("sweep", "sweep-smoke", tmp_path, timeout=600)
+    measures = " ".join(row[0] for row in rows)
+    for expected in (
+        "spread of final val accuracy (unpruned trials, SD)",
+        "epochs, pruned / unpruned",
+        "epochs to target, pruned / unpruned",
+        "time to target, pruned / unpruned",
+        "2 workers / 1 worker wall time",
+        "epochs to target, pruned / unpruned (median)",
+        "a judge that is never wrong at the rule's moments (start-up trials 3",
+        "a judge that is never wrong at the rule's moments (start-up trials 1",
+    ):
+        assert expected in measures, (expected, measures)
+    assert all(row[1] for row in rows)
+    assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
+    # --replay redoes a full run's rows; the smoke run's curves are not one.
+    replayed = run_bench("sweep", "--replay", "--out", str(tmp_path), cwd=tmp_path)
+    assert replayed.returncode == 1
+    assert replayed.stderr.strip() == (
+        f"error: {tmp_path / 'results' / 'sweep.json'}: no recorded sweeps to replay "
+        "(run the section first)"
+    )
+    assert not (tmp_path / "RESULTS.md").exists()
