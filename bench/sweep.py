@@ -246,7 +246,7 @@ def perfect_judge(order: list[list[float]], n_val: int, startup: int, warmup: in
     stops every trial that will miss the target at the first moment the rule may judge
     (once ``startup`` trials are complete, after epoch ``warmup`` + 1) and never stops
     one that will reach it. No rule judging at those moments can stop trials sooner, so
-    its ratio bounds what any such pruner saves on these curves."""
+    on curves of equal length (a sweep's) its ratio bounds what any such pruner saves."""
     target = val_target([c[-1] for c in order], n_val)
     first = next(i for i, c in enumerate(order) if c[-1] >= target)
     plain = sum(len(c) for c in order[: first + 1])
@@ -358,9 +358,9 @@ def replay_recorded(topic: str, title: str, out: Path) -> int:
     ``out``/results/ (the last run's records)."""
     recorded_at = out / "results" / f"{topic}.json"
     if not recorded_at.is_file():
+        run = f"python -m bench sweep{' --space wide' if topic.endswith('-wide') else ''}"
         print(
-            f"error: {recorded_at}: no recorded sweeps to replay (run the section first)",
-            file=sys.stderr,
+            f"error: {recorded_at}: no recorded sweeps to replay (run {run} first)", file=sys.stderr
         )
         return 1
     recorded = json.loads(recorded_at.read_text())

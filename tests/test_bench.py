@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -152,28 +154,72 @@ def test_predict_bench_smoke_produces_every_row(tmp_path: Path) -> None:
     assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
 
 
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 @pytest.mark.slow
-def test_sweep_bench_smoke_produces_every_row_and_replays_only_a_full_run(tmp_path: Path) -> None:
+def test_sweep_bench_smoke_produces_every_row_and_leaves_the_report_alone(tmp_path: Path) -> None:
+    report = [REPO / "bench" / "RESULTS.md", REPO / "bench" / "results" / "sweep.json"]
+    before = [_digest(p) for p in report]
     rows = smoke_rows("sweep", "sweep-smoke", tmp_path, timeout=600)
-    measures = " ".join(row[0] for row in rows)
+    measures = [row[0] for row in rows]
+    replayed = "replay, 2,000 random sweeps over 4 of these curves"
     for expected in (
         "spread of final val accuracy (unpruned trials, SD)",
         "epochs, pruned / unpruned",
         "epochs to target, pruned / unpruned",
         "time to target, pruned / unpruned",
         "2 workers / 1 worker wall time",
-        "epochs to target, pruned / unpruned (median)",
-        "a judge that is never wrong at the rule's moments (start-up trials 3",
-        "a judge that is never wrong at the rule's moments (start-up trials 1",
+        f"{replayed}: epochs to target, pruned / unpruned (median)",
+        f"{replayed}, a judge that is never wrong at the rule's moments (start-up trials 3, "
+        "warm-up epochs 1): median ratio / sweeps at <= 0.6x",
+        f"{replayed}, a judge that is never wrong at the rule's moments (start-up trials 1, "
+        "warm-up epochs 1): median ratio / sweeps at <= 0.6x",
     ):
         assert expected in measures, (expected, measures)
-    assert all(row[1] for row in rows)
-    assert not (tmp_path / "RESULTS.md").exists()  # smoke numbers never overwrite the report
-    # --replay redoes a full run's rows; the smoke run's curves are not one.
-    replayed = run_bench("sweep", "--replay", "--out", str(tmp_path), cwd=tmp_path)
-    assert replayed.returncode == 1
-    assert replayed.stderr.strip() == (
-        f"error: {tmp_path / 'results' / 'sweep.json'}: no recorded sweeps to replay "
-        "(run the section first)"
-    )
+    assert "## Sweeps: pruning and workers" in (tmp_path / "smoke.md").read_text()
+    # Smoke numbers never reach the report, nor the records --replay reads.
     assert not (tmp_path / "RESULTS.md").exists()
+    assert [_digest(p) for p in report] == before
+
+    # --replay redoes a recorded full run's rows into the report beside it; with none,
+    # it says so in one line.
+    refused = run_bench("sweep", "--replay", "--out", str(tmp_path), cwd=tmp_path)
+    assert (refused.returncode, refused.stderr.strip()) == (
+        1,
+        f"error: {tmp_path / 'results' / 'sweep.json'}: no recorded sweeps to replay "
+        "(run python -m bench sweep first)",
+    )
+    (tmp_path / "results" / "sweep-smoke.json").rename(tmp_path / "results" / "sweep.json")
+    redone = run_bench("sweep", "--replay", "--out", str(tmp_path), cwd=tmp_path)
+    assert redone.returncode == 0, redone.stderr
+    written = (tmp_path / "RESULTS.md").read_text()
+    for measure, value, _, _ in rows:
+        if measure.startswith("replay"):
+            assert f"| {measure} | {value} |" in written  # the same draws, the same rows
+    assert [_digest(p) for p in report] == before
+
+
+def test_a_judge_that_is_never_wrong_is_the_bound_of_the_median_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO))
+    from bench.sweep import perfect_judge, replay_sweep
+
+    bad, good = [0.1] * 8, [0.3, 0.5, 0.7, 0.9, 0.95, 0.95, 0.95, 0.96]
+    # 3 start-up trials run whole (24 epochs), the next two bad ones stop after epoch 2.
+    assert perfect_judge([bad, bad, bad, bad, bad, good], 150, 3, 1) == (48, 24 + 4 + 8, 6)
+    # A good first trial: nothing to save, for the judge or the rule.
+    assert perfect_judge([good, bad], 150, 1, 1) == replay_sweep([good, bad], 150, 1, 1)
+    rng = random.Random(0)
+    curves = [
+        [min(1.0, top * (e + 1) / 8 + rng.random() / 20) for e in range(8)]
+        for top in [rng.choice((0.1, 0.4, 0.7, 0.97)) for _ in range(30)]
+    ]
+    for _ in range(300):
+        order = [rng.choice(curves) for _ in range(20)]
+        for startup, warmup in ((1, 1), (3, 1), (3, 0), (5, 2)):
+            plain, pruned, first = replay_sweep(order, 150, startup, warmup)
+            assert perfect_judge(order, 150, startup, warmup)[::2] == (plain, first)
+            assert perfect_judge(order, 150, startup, warmup)[1] <= pruned
