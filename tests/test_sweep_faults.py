@@ -215,6 +215,87 @@ def test_a_retry_taken_by_a_live_worker_is_not_judged_by_the_pid_it_inherited(
     assert study.get_trials()[retry.number].state == TrialState.COMPLETE
 
 
+# Workers that start together on one SQLite study, as a sweep's rerun does: each takes
+# trials (``take`` waiting ones) or looks after dead ones (``look``) ten times at once.
+RACE = """
+import sys, time
+import optuna
+from imgpipe.sweep.study import open_storage
+from imgpipe.sweep.worker import look_after_dead_trials, take_trial
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+what, url, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+storage = open_storage(url)
+study = optuna.load_study(study_name="race", storage=storage)
+while time.time() < start:
+    pass
+for _ in range(10):
+    if what == "take":
+        print(take_trial(study, url).number, flush=True)
+    else:
+        look_after_dead_trials(study, storage, url)
+"""
+
+
+def race(what: str, url: str, processes: int) -> list[str]:
+    start = time.time() + 3  # every process imported and connected: they start together
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, what, url, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    return [line for out, _ in outs for line in out.split()]
+
+
+def test_a_waiting_trial_goes_to_one_worker_of_many_on_sqlite(tmp_path: Path) -> None:
+    """SQLite does not lock the row Optuna reads before it marks a waiting trial RUNNING:
+    workers starting together (a rerun after a stop) both took one retried trial, and one
+    crashed (CI: `Cannot tell a FAIL trial` in the 2-worker SIGTERM rerun)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from imgpipe.sweep.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    for x in range(20):
+        study.enqueue_trial({"x": x}, skip_if_exists=False)
+
+    taken = [int(n) for n in race("take", url, processes=4)]
+    assert len(taken) == 40 and len(set(taken)) == 40  # no trial taken twice
+    assert set(range(20)) <= set(taken)  # every waiting trial taken (once)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.RUNNING) == 40 and TrialState.WAITING not in states
+
+
+def test_a_dead_workers_trial_is_retried_once_by_many_workers_on_sqlite(tmp_path: Path) -> None:
+    """Workers looking after dead trials at once: each dead trial is failed and queued
+    again by one of them, so the sweep runs it once more, not once per worker."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from imgpipe.sweep.study import open_storage, trial_identity
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    gone = dead_pid()
+    for _ in range(10):
+        trial = study.ask()
+        for key, value in (trial_identity(trial.number) | {"pid": gone}).items():
+            trial.set_user_attr(key, value)
+
+    race("look", url, processes=4)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.FAIL) == 10
+    assert states.count(TrialState.WAITING) == 10  # one retry each
+    assert len(states) == 20
+
+
 def test_the_sweeps_parent_run_rides_out_a_tracking_outage(
     tmp_path: Path,
     mlflow_server: str,

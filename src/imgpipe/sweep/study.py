@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,28 @@ def open_storage(url: str):
             break
     reason = str(last).splitlines()[0] if last else "unknown error"
     raise PipelineError(f"sweep storage {redact_url(url)} is unusable: {redact_text(reason, url)}")
+
+
+@contextlib.contextmanager
+def claiming(url: str) -> Iterator[None]:
+    """Hold the claim lock of a SQLite study while this process takes a trial or fails a
+    dead one, so exactly one process does each. Optuna moves a trial from WAITING to
+    RUNNING (or from RUNNING to FAIL) after reading its state under SELECT ... FOR UPDATE,
+    which SQLite does not lock: two processes reading at once both won, and both ran the
+    same retried trial. PostgreSQL locks the row and the journal file appends under its
+    own lock, so they need nothing here. The lock is a file beside the database (every
+    process on the file, containers sharing its folder included, sees it), never the
+    database file itself: closing a descriptor of that file drops SQLite's own locks."""
+    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+        yield
+        return
+    db = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    with open(db.with_name(db.name + ".claims.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _journal_storage(path: Path):

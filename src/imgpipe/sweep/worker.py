@@ -26,6 +26,7 @@ from imgpipe.sweep.resilience import (
 from imgpipe.sweep.settings import SweepSettings, search_distributions
 from imgpipe.sweep.study import (
     census,
+    claiming,
     fail_dead_local_trials,
     grace_seconds,
     open_storage,
@@ -77,7 +78,7 @@ def run_worker(
                 f"sweep worker {index} ran {ran} trials without the study finishing"
             )
         stop.check()  # between trials: no new one once a stop was asked for
-        look_after_dead_trials(study, storage)
+        look_after_dead_trials(study, storage, settings.storage)
         now = retrying(lambda: census(study), what="counting trials")
         if on_progress is not None:
             on_progress()
@@ -91,16 +92,25 @@ def run_worker(
     return ran
 
 
-def look_after_dead_trials(study, storage) -> None:
+def look_after_dead_trials(study, storage, url: str) -> None:
     """Fail (and retry) trials whose worker died: on this machine at once, elsewhere once
     their heartbeat is older than the grace period. Not right after this worker itself lost
-    the database: the others' heartbeats could not arrive either."""
+    the database: the others' heartbeats could not arrive either. Each dead trial is failed
+    and retried by one worker only, on every storage (``claiming``)."""
     import optuna
     from optuna.storages import RDBStorage
 
-    if isinstance(storage, RDBStorage) and not recently_cut_off(grace_seconds()):
-        retrying(lambda: optuna.storages.fail_stale_trials(study), what="failing stale trials")
-    retrying(lambda: fail_dead_local_trials(study, storage), what="failing dead trials")
+    with claiming(url):
+        if isinstance(storage, RDBStorage) and not recently_cut_off(grace_seconds()):
+            retrying(lambda: optuna.storages.fail_stale_trials(study), what="failing stale trials")
+        retrying(lambda: fail_dead_local_trials(study, storage), what="failing dead trials")
+
+
+def take_trial(study, url: str):
+    """The next trial for this worker: a waiting one (a retry, an enqueued one) or a new
+    one. A waiting trial goes to exactly one worker, on every storage (``claiming``)."""
+    with claiming(url):
+        return retrying(study.ask, what="asking for a trial")
 
 
 def run_one(study, storage, settings: SweepSettings, space: dict[str, Any], index: int) -> None:
@@ -110,7 +120,7 @@ def run_one(study, storage, settings: SweepSettings, space: dict[str, Any], inde
     from optuna.storages import RDBStorage
     from optuna.trial import TrialState
 
-    trial = retrying(study.ask, what="asking for a trial")
+    trial = take_trial(study, settings.storage)
     beat: Any = contextlib.nullcontext()
     if isinstance(storage, RDBStorage) and storage.get_heartbeat_interval():
         trial_id = retrying(
