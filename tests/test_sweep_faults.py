@@ -226,8 +226,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 what, url, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 storage = open_storage(url)
 study = optuna.load_study(study_name="race", storage=storage)
-while time.time() < start:
-    pass
+time.sleep(max(0.0, start - time.time()))
 for _ in range(10):
     if what == "take":
         print(take_trial(study, url).number, flush=True)
@@ -237,7 +236,7 @@ for _ in range(10):
 
 
 def race(what: str, url: str, processes: int) -> list[str]:
-    start = time.time() + 3  # every process imported and connected: they start together
+    start = time.time() + 6  # every process imported and connected: they start together
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RACE, what, url, str(start)],
@@ -247,7 +246,11 @@ def race(what: str, url: str, processes: int) -> list[str]:
         )
         for _ in range(processes)
     ]
-    outs = [p.communicate(timeout=120) for p in procs]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     return [line for out, _ in outs for line in out.split()]
 
@@ -271,6 +274,34 @@ def test_a_waiting_trial_goes_to_one_worker_of_many_on_sqlite(tmp_path: Path) ->
     assert set(range(20)) <= set(taken)  # every waiting trial taken (once)
     states = [t.state for t in study.get_trials()]
     assert states.count(TrialState.RUNNING) == 40 and TrialState.WAITING not in states
+
+
+def test_a_worker_takes_no_trial_while_another_holds_the_claim(tmp_path: Path) -> None:
+    """The race above without its timing: while one process holds a SQLite study's claim,
+    another's take waits; it takes its trial once the claim is released."""
+    import optuna
+
+    from imgpipe.sweep.study import claiming, open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    study.enqueue_trial({"x": 1})
+    with claiming(url):
+        taker = subprocess.Popen(
+            [sys.executable, "-c", RACE.replace("range(10)", "range(1)"), "take", url, "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                taker.communicate(timeout=8)  # imports, connects, then waits for the claim
+        except BaseException:
+            taker.kill()
+            raise
+    out, err = taker.communicate(timeout=60)
+    assert taker.returncode == 0, err[-2000:]
+    assert out.split() == ["0"]  # the waiting trial, taken after the claim was released
 
 
 def test_a_dead_workers_trial_is_retried_once_by_many_workers_on_sqlite(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -77,10 +78,11 @@ def claiming(url: str) -> Iterator[None]:
     own lock, so they need nothing here. The lock is a file beside the database (every
     process on the file, containers sharing its folder included, sees it), never the
     database file itself: closing a descriptor of that file drops SQLite's own locks."""
-    if not url.startswith("sqlite:///") or url.startswith("sqlite:///:memory:"):
+    found = re.match(r"sqlite(\+\w+)?:///([^?]*)", url)
+    if not found or found.group(2) in ("", ":memory:"):  # not SQLite, or in this process only
         yield
         return
-    db = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+    db = Path(found.group(2))
     with open(db.with_name(db.name + ".claims.lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -16,7 +16,7 @@ from imgpipe.errors import PipelineError
 from imgpipe.sweep.pruning import EpochJudge, Pruned
 from imgpipe.sweep.resilience import StorageUnreachable, note, retrying
 from imgpipe.sweep.settings import SweepSettings, applies
-from imgpipe.sweep.study import counts_towards_n_trials, fail_and_retry, trial_identity
+from imgpipe.sweep.study import claiming, counts_towards_n_trials, fail_and_retry, trial_identity
 
 log = logging.getLogger(__package__)  # the sweep's lines read "imgpipe.sweep: ..."
 
@@ -158,7 +158,7 @@ def run_trial(
     try:
         result = _train_trial(trial, settings, study, space, index)
     except stop.Stopped:
-        _retry_later(study, storage, trial.number)
+        _retry_later(study, storage, settings.storage, trial.number)
         raise
     except Pruned as exc:
         note(trial, "duration_s", round(time.perf_counter() - started, 3))
@@ -211,9 +211,11 @@ def mark_pruned_run(tracking_uri: str | None, run_id: str, epoch: int) -> None:
         log.warning("MLflow run %s: could not mark it pruned (%s)", run_id, type(exc).__name__)
 
 
-def _retry_later(study, storage, number: int) -> None:
+def _retry_later(study, storage, url: str, number: int) -> None:
     """A stopped trial is no failure: FAIL it without a ``failure`` (so it does not count
     towards n_trials) and queue its retry, which resumes the trial's own checkpoint. Done
     here, not left to the dead-pid check, so a worker on any machine is retried at once."""
-    if retrying(lambda: fail_and_retry(study, storage, number), what="queueing a retry"):
+    with claiming(url):  # a neighbour failing it as stale at the same moment: one retry
+        queued = retrying(lambda: fail_and_retry(study, storage, number), what="queueing a retry")
+    if queued:
         log.warning("trial %d stopped: the next run of the sweep continues it", number)

@@ -131,11 +131,12 @@ def run_one(study, storage, settings: SweepSettings, space: dict[str, Any], inde
         beat = Heartbeat(storage, trial_id, float(storage.get_heartbeat_interval()))
 
     def tell(values: Any = None, state: Any = None) -> None:
-        retrying(
-            lambda: study.tell(trial, values, state=state),
-            what=f"telling trial {trial.number}",
-            after_retry=lambda: study.tell(trial, values, state=state, skip_if_finished=True),
-        )
+        with claiming(settings.storage):  # not at the moment a neighbour fails it as stale
+            retrying(
+                lambda: study.tell(trial, values, state=state),
+                what=f"telling trial {trial.number}",
+                after_retry=lambda: study.tell(trial, values, state=state, skip_if_finished=True),
+            )
 
     with beat:
         try:
