@@ -217,13 +217,19 @@ def val_target(finals: list[float], n_val: int) -> float:
     return best - max(0.005, 2 * se)
 
 
+def _unpruned(order: list[list[float]], n_val: int) -> tuple[float, int, int]:
+    """The target of a replayed sweep, the epochs to it unpruned, and the index of the
+    trial that first reaches it."""
+    target = val_target([c[-1] for c in order], n_val)
+    first = next(i for i, c in enumerate(order) if c[-1] >= target)
+    return target, sum(len(c) for c in order[: first + 1]), first
+
+
 def replay_sweep(order: list[list[float]], n_val: int, startup: int, warmup: int) -> tuple:
     """One replayed sweep over the val-accuracy curves ``order``, in that order: the
     epochs to the target without pruning and with the median rule (inf if never), and
     where the unpruned sweep first reached it (1-based)."""
-    target = val_target([c[-1] for c in order], n_val)
-    first = next(i for i, c in enumerate(order) if c[-1] >= target)
-    plain = sum(len(c) for c in order[: first + 1])
+    target, plain, first = _unpruned(order, n_val)
     rule = PrunerSettings(name="median", startup_trials=startup, warmup_epochs=warmup)
     complete: list[list[float]] = []
     spent = 0
@@ -247,9 +253,7 @@ def perfect_judge(order: list[list[float]], n_val: int, startup: int, warmup: in
     (once ``startup`` trials are complete, after epoch ``warmup`` + 1) and never stops
     one that will reach it. No rule judging at those moments can stop trials sooner, so
     on curves of equal length (a sweep's) its ratio bounds what any such pruner saves."""
-    target = val_target([c[-1] for c in order], n_val)
-    first = next(i for i, c in enumerate(order) if c[-1] >= target)
-    plain = sum(len(c) for c in order[: first + 1])
+    target, plain, first = _unpruned(order, n_val)
     spent, complete = 0, 0
     for curve in order:
         if curve[-1] >= target:

@@ -304,6 +304,37 @@ def test_a_worker_takes_no_trial_while_another_holds_the_claim(tmp_path: Path) -
     assert out.split() == ["0"]  # the waiting trial, taken after the claim was released
 
 
+def test_a_claim_held_by_a_killed_worker_is_free_at_once(tmp_path: Path) -> None:
+    """A worker killed (SIGKILL, out of memory) while it holds the claim leaves nothing to
+    clean up: the kernel drops its lock, and the next worker takes its trial at once."""
+    import optuna
+
+    from imgpipe.sweep.study import open_storage
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    study.enqueue_trial({"x": 1})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_HANG, url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        holder.kill()
+        holder.wait(30)
+        assert race("take", url, processes=1)[:1] == ["0"]  # the waiting trial, not stuck
+    finally:
+        holder.kill()
+
+
+CLAIM_AND_HANG = """
+import sys, time
+from imgpipe.sweep.study import claiming
+with claiming(sys.argv[1]):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
 def test_a_dead_workers_trial_is_retried_once_by_many_workers_on_sqlite(tmp_path: Path) -> None:
     """Workers looking after dead trials at once: each dead trial is failed and queued
     again by one of them, so the sweep runs it once more, not once per worker."""

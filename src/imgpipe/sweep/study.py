@@ -41,8 +41,8 @@ def open_storage(url: str):
     or a journal file for ``journal:PATH``."""
     if url.startswith("journal:"):
         return _journal_storage(Path(url.removeprefix("journal:")))
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if (db := sqlite_path(url)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     heartbeat = seconds_from_env(HEARTBEAT_ENV, HEARTBEAT_S)
     grace = seconds_from_env(GRACE_ENV, GRACE_S)
     if grace <= heartbeat:  # a live worker would be judged dead between two heartbeats
@@ -68,6 +68,15 @@ def open_storage(url: str):
     raise PipelineError(f"sweep storage {redact_url(url)} is unusable: {redact_text(reason, url)}")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (``sqlite:///rel``, ``sqlite:////abs``, a driver,
+    a query string); None for another storage or an in-memory database."""
+    found = re.match(r"sqlite(\+\w+)?:///([^?]*)", url)
+    if not found or found.group(2) in ("", ":memory:"):
+        return None
+    return Path(found.group(2))
+
+
 @contextlib.contextmanager
 def claiming(url: str) -> Iterator[None]:
     """Hold the claim lock of a SQLite study while this process takes a trial or fails a
@@ -78,11 +87,10 @@ def claiming(url: str) -> Iterator[None]:
     own lock, so they need nothing here. The lock is a file beside the database (every
     process on the file, containers sharing its folder included, sees it), never the
     database file itself: closing a descriptor of that file drops SQLite's own locks."""
-    found = re.match(r"sqlite(\+\w+)?:///([^?]*)", url)
-    if not found or found.group(2) in ("", ":memory:"):  # not SQLite, or in this process only
+    db = sqlite_path(url)
+    if db is None:  # not SQLite, or in this process only
         yield
         return
-    db = Path(found.group(2))
     with open(db.with_name(db.name + ".claims.lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
